@@ -1,0 +1,27 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the repo; tests that need it skip
+with a clear reason where it is absent (a user's machine) and run wherever it is present (CI)."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LEVELSET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set LEVELSET_SHARED_DATA to ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco_sample_dir() -> Path:
+    """10 real COCO val2017 images: images/*.jpg and instances_val2017_subset.json."""
+    return _require(SHARED_DATA / "coco_val2017_sample")
+
+
+@pytest.fixture(scope="session")
+def dsb2018_dir() -> Path:
+    """DSB2018 nuclei: images/, train.json, dev.json (COCO RLE masks)."""
+    return _require(SHARED_DATA / "dsb2018")
