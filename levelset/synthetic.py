@@ -19,6 +19,7 @@ Register it with Detectron2 like any COCO json::
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -245,7 +246,7 @@ def generate_coco_dataset(root, *, num_images: int, image_size: int = 128, seed:
         image, instances = render_synthetic_image(rng, image_size)
         image_id = index + 1
         file_name = f"{image_id:06d}.png"
-        cv2.imwrite(str(image_dir / file_name), image[:, :, ::-1])
+        _write_atomic(image_dir / file_name, cv2.imencode(".png", image[:, :, ::-1])[1].tobytes())
         images.append({"id": image_id, "file_name": file_name, "height": image_size,
                        "width": image_size})
         for inst in instances:
@@ -260,8 +261,13 @@ def generate_coco_dataset(root, *, num_images: int, image_size: int = 128, seed:
         "annotations": annotations,
         "categories": SYNTHETIC_CATEGORIES,
     }
-    tmp = json_path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(dataset, f)
-    tmp.replace(json_path)  # atomic: a reader never sees a half-written json
+    _write_atomic(json_path, json.dumps(dataset).encode())  # last: its presence means "complete"
     return json_path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write through a private temporary file and rename: a reader (or another worker generating
+    the same split at the same time) never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
