@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -91,7 +91,8 @@ def _tolerance_px(tolerance: float, shape: Tuple[int, int]) -> float:
 
 def _boundary_distances(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Euclidean distance from each predicted boundary pixel to the nearest GT boundary pixel, and
-    from each GT boundary pixel to the nearest predicted one (1-D arrays; inf if the other is empty).
+    from each GT boundary pixel to the nearest predicted one (1-D arrays; inf if the other is
+    empty).
 
     Works on the crop around both masks (1 px margin), which is exact: the boundary does not
     depend on pixels more than 1 px away and the distances only on boundary pixels.
@@ -118,7 +119,8 @@ def _boundary_distances(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, n
     return dist_to(gb)[pb], dist_to(pb)[gb]
 
 
-def _f_from_distances(d_pred: np.ndarray, d_gt: np.ndarray, tol: float) -> Tuple[float, float, float]:
+def _f_from_distances(d_pred: np.ndarray, d_gt: np.ndarray, tol: float
+                      ) -> Tuple[float, float, float]:
     n_pred, n_gt = len(d_pred), len(d_gt)
     if n_pred == 0 and n_gt == 0:
         return 1.0, 1.0, 1.0
@@ -140,6 +142,10 @@ def boundary_f_measure(pred: np.ndarray, gt: np.ndarray, tolerance: float = DAVI
 
         P = |{p in B_p : d(p, B_g) <= tol}| / |B_p|,   R = |{g in B_g : d(g, B_p) <= tol}| / |B_g|,
         F = 2 P R / (P + R).
+
+    The matching and tolerance are the DAVIS toolkit's (``f_measure``: ``binary_dilation`` by
+    ``disk(tol)``); its ``seg2bmap`` boundary marks one pixel of each fg/bg pixel pair, ours the
+    inner (foreground) pixel, so values can differ slightly from the toolkit's on the same masks.
 
     Both boundaries empty: P = R = F = 1. One empty: F = 0 (P = 1, R = 0 for an empty prediction;
     P = 0, R = 1 for an empty ground truth).
@@ -169,14 +175,15 @@ def boundary_f_curve(pred: np.ndarray, gt: np.ndarray,
     """
     d_pred, d_gt = _boundary_distances(pred, gt)
     shape = np.shape(gt)
-    return np.array([_f_from_distances(d_pred, d_gt, _tolerance_px(t, shape))[2] for t in thresholds])
+    return np.array([_f_from_distances(d_pred, d_gt, _tolerance_px(t, shape))[2]
+                     for t in thresholds])
 
 
 # ---------------------------------------------------------------------------------------------
 # DAVIS region measure and summary statistics
 # ---------------------------------------------------------------------------------------------
 def jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Region similarity J = |pred ∩ gt| / |pred ∪ gt| of (H, W) masks; 1 if both are empty (DAVIS)."""
+    """Region similarity J = |pred ∩ gt| / |pred ∪ gt| of (H, W) masks; 1 if both are empty."""
     pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
     union = np.logical_or(pred, gt).sum()
     if union == 0:
@@ -226,7 +233,8 @@ def match_detections(ious: np.ndarray, iou_threshold: float) -> np.ndarray:
         candidates = np.where(taken, -1.0, ious[d])
         if candidates.size == 0:
             continue
-        g = len(candidates) - 1 - int(np.argmax(candidates[::-1]))  # last of equal maxima, as COCOeval
+        # the last of equal maxima, as COCOeval's scan keeps it
+        g = len(candidates) - 1 - int(np.argmax(candidates[::-1]))
         if candidates[g] >= threshold:
             matches[d] = g
             taken[g] = True
@@ -307,7 +315,8 @@ def af_scores(coco_gt: Union[COCO, Dict, str], results: CocoResults, *,
                 if (d, g) not in f_cache:
                     d_pred, d_gt = _boundary_distances(mask_utils.decode(dt_rles[d]),
                                                        mask_utils.decode(gt_rles[g]))
-                    f_cache[d, g] = [_f_from_distances(d_pred, d_gt, float(k))[2] for k in tolerances]
+                    f_cache[d, g] = [_f_from_distances(d_pred, d_gt, float(k))[2]
+                                     for k in tolerances]
                 per_class[ti][category_id].append(f_cache[d, g])
 
     per_threshold = [np.mean([np.mean(fs, axis=0) for fs in classes.values()], axis=0)
@@ -372,11 +381,15 @@ class _BoundaryCOCOeval(COCOeval):
         if len(mask_ious) == 0:
             return mask_ious
         p = self.params
-        gt = self._gts[imgId, catId] if p.useCats else [a for c in p.catIds for a in self._gts[imgId, c]]
-        dt = self._dts[imgId, catId] if p.useCats else [a for c in p.catIds for a in self._dts[imgId, c]]
+        if p.useCats:
+            gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
+        else:
+            gt = [a for c in p.catIds for a in self._gts[imgId, c]]
+            dt = [a for c in p.catIds for a in self._dts[imgId, c]]
         order = np.argsort([-d["score"] for d in dt], kind="mergesort")  # COCOeval's order
         dt = [dt[i] for i in order][: p.maxDets[-1]]
-        band_ious = mask_utils.iou([self._band("dt", d) for d in dt], [self._band("gt", g) for g in gt],
+        band_ious = mask_utils.iou([self._band("dt", d) for d in dt],
+                                   [self._band("gt", g) for g in gt],
                                    [int(g["iscrowd"]) for g in gt])
         return np.minimum(mask_ious, band_ious)
 

@@ -53,7 +53,8 @@ def _polygon_mask(polygons: List[List[float]], size: int) -> np.ndarray:
 
 def _star_polygon(rng: np.random.Generator, cx: float, cy: float, radius: float,
                   *, wobble: float, num_vertices: int = 48) -> List[float]:
-    """A closed polygon r(θ) = radius · (1 + Σ_k a_k cos(kθ + p_k)), k = 2..4; a circle if wobble=0.
+    """A closed polygon r(θ) = radius · (1 + Σ_k a_k cos(kθ + p_k)), k = 2..4 (a circle if
+    wobble = 0).
 
     Returns the flat COCO list [x0, y0, x1, y1, ...] in pixel coordinates.
     """
@@ -83,7 +84,8 @@ def _sample_shape(rng: np.random.Generator, category_id: int, size: int
         angle = rng.uniform(0, np.pi)
         offset = small * rng.uniform(1.4, 1.8)
         dx, dy = offset * np.cos(angle), offset * np.sin(angle)
-        polygons = [_star_polygon(rng, cx + s * dx, cy + s * dy, small, wobble=0.4) for s in (-1, 1)]
+        polygons = [_star_polygon(rng, cx + s * dx, cy + s * dy, small, wobble=0.4)
+                    for s in (-1, 1)]
     else:  # ring: an annulus, inner radius 40-65 % of the outer one
         yy, xx = np.mgrid[:size, :size]
         dist = np.hypot(xx + 0.5 - cx, yy + 0.5 - cy)
@@ -118,7 +120,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _illumination(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A multiplicative illumination field, float32 (size, size, 1): a linear ramp plus a broad spot."""
+    """A multiplicative illumination field, float32 (size, size, 1): a ramp plus a broad spot."""
     yy, xx = (np.mgrid[:size, :size].astype(np.float32) + 0.5) / size
     gx, gy = rng.uniform(-0.35, 0.35, size=2)
     sx, sy = rng.uniform(0, 1, size=2)
@@ -195,7 +197,8 @@ def _annotation(instance: Dict, ann_id: int, image_id: int) -> Dict:
     if instance["polygons"] is not None:
         segmentation = instance["polygons"]
     else:
-        segmentation = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        segmentation = {"size": [int(s) for s in rle["size"]],
+                        "counts": rle["counts"].decode("ascii")}
     return {"id": ann_id, "image_id": image_id, "category_id": instance["category_id"],
             "segmentation": segmentation, "area": area, "bbox": bbox, "iscrowd": 0}
 
@@ -205,8 +208,9 @@ def generate_coco_dataset(root, *, num_images: int, image_size: int = 128, seed:
     """Write a synthetic COCO instance-segmentation split and return the path of its json.
 
     Writes ``root/<split>/<image_id:06d>.png`` (RGB) and ``root/<split>.json`` (COCO "instances"
-    format: ``images``, ``annotations`` with polygon or RLE ``segmentation``, XYWH ``bbox``, ``area``
-    and ``iscrowd`` 0, and ``categories`` = :data:`SYNTHETIC_CATEGORIES`). The image root to register
+    format: ``images``, ``annotations`` with polygon or RLE ``segmentation``, XYWH ``bbox``,
+    ``area`` and ``iscrowd`` 0, and ``categories`` = :data:`SYNTHETIC_CATEGORIES`). The image root
+    to register
     is ``json_path.with_suffix("")``.
 
     Image ``i`` is rendered from ``np.random.default_rng([seed, i])``, so the output is a pure

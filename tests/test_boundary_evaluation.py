@@ -46,11 +46,13 @@ def test_perfect_predictions(coco_sample_dataset):
     result = _run(*coco_sample_dataset)
     assert set(result) == {"boundary"}
     assert result["boundary"] == pytest.approx(
-        {"AF1": 100.0, "AF2": 100.0, "BoundaryAP": 100.0, "BoundaryAP50": 100.0, "BoundaryAP75": 100.0})
+        {"AF1": 100.0, "AF2": 100.0,
+         "BoundaryAP": 100.0, "BoundaryAP50": 100.0, "BoundaryAP75": 100.0})
 
 
 def test_eroded_predictions(coco_sample_dataset):
-    result = _run(*coco_sample_dataset, transform=lambda m: ndimage.binary_erosion(m, np.ones((3, 3))))
+    erode = lambda m: ndimage.binary_erosion(m, np.ones((3, 3)))  # noqa: E731
+    result = _run(*coco_sample_dataset, transform=erode)
     b = result["boundary"]
     assert b["AF1"] < b["AF2"] < 100.0
     assert b["BoundaryAP"] < 100.0

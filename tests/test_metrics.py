@@ -36,7 +36,7 @@ def _shift(mask, dy, dx):
 
 
 def _brute_boundary(mask):
-    """Mask pixels with an 8-neighbour inside the image that is background (DAVIS: edge isn't one)."""
+    """Mask pixels with a background 8-neighbour inside the image (the edge is no boundary)."""
     h, w = mask.shape
     out = np.zeros_like(mask)
     for y, x in zip(*np.nonzero(mask)):
@@ -68,7 +68,7 @@ def dsb_mask(dsb2018_dir):
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO(str(dsb2018_dir / "dev.json"))
     anns = sorted(coco.dataset["annotations"], key=lambda a: -a["area"])
-    return coco.annToMask(anns[len(anns) // 4]).astype(bool)  # a large, but not the largest, nucleus
+    return coco.annToMask(anns[len(anns) // 4]).astype(bool)  # large, not the largest, nucleus
 
 
 # -------------------------------------------------------------------------------- boundaries
@@ -137,7 +137,8 @@ def test_f_real_mask(dsb_mask):
 
 
 def test_f_real_coco_polygon(coco_sample):
-    ann = max((a for a in coco_sample.dataset["annotations"] if not a["iscrowd"]), key=lambda a: a["area"])
+    anns = [a for a in coco_sample.dataset["annotations"] if not a["iscrowd"]]
+    ann = max(anns, key=lambda a: a["area"])
     gt = coco_sample.annToMask(ann).astype(bool)
     rows, cols = np.nonzero(gt.any(1))[0], np.nonzero(gt.any(0))[0]
     gt = gt[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # touches the crop border: DAVIS convention
@@ -210,8 +211,8 @@ def test_match_detections_equals_cocoeval(coco_sample):
         dts = [coco_dt.anns[d] for d in e["dtIds"]]  # already sorted by score
         if not gts or not dts:
             continue
-        ious = mask_utils.iou([coco_dt.annToRLE(d) for d in dts], [coco_sample.annToRLE(g) for g in gts],
-                              [0] * len(gts))
+        ious = mask_utils.iou([coco_dt.annToRLE(d) for d in dts],
+                              [coco_sample.annToRLE(g) for g in gts], [0] * len(gts))
         for ti, t in enumerate(ev.params.iouThrs):
             ours = match_detections(ious, t)
             expected = [g if not ig else 0 for g, ig in zip(e["dtMatches"][ti], e["dtIgnore"][ti])]
@@ -231,9 +232,13 @@ def test_af_perfect_and_eroded(coco_sample):
 
 
 def test_af_uses_only_true_positives(coco_sample):
+    def in_corner(m, i):
+        out = np.zeros_like(m)
+        out[:5, :5] = 1
+        return out
+
     results = _results(coco_sample)
-    corner = _results(coco_sample, lambda m, i: np.pad(np.ones((5, 5)), [(0, m.shape[0] - 5), (0, m.shape[1] - 5)]))
-    junk = dict(corner[0], score=1.0)  # a false positive with the highest score
+    junk = dict(_results(coco_sample, in_corner)[0], score=1.0)  # a top-scoring false positive
     assert af_scores(coco_sample, results + [junk]) == {"AF1": 1.0, "AF2": 1.0}
 
 

@@ -125,7 +125,7 @@ class BoundaryEvaluator(DatasetEvaluator):
         return {"boundary": metrics}
 
     def _to_dataset_category_ids(self, results: List[Dict]) -> List[Dict]:
-        """Map the model's contiguous class ids back to the json's category ids (as COCOEvaluator)."""
+        """Map contiguous class ids back to the json's category ids, as COCOEvaluator does."""
         mapping = getattr(self._metadata, "thing_dataset_id_to_contiguous_id", None)
         if mapping:
             reverse = {v: k for k, v in mapping.items()}
