@@ -1,0 +1,67 @@
+"""Config keys of LevelSet R-CNN (ECCV 2020, section 4), all under ``cfg.MODEL.LEVELSET``."""
+from detectron2.config import CfgNode as CN
+
+
+def add_levelset_rcnn_config(cfg):
+    """
+    Declare every key LevelSet R-CNN reads, with the paper's defaults (COCO setting, section 5).
+    """
+    cfg.MODEL.LEVELSET = CN()
+    # N: unrolled Chan-Vese steps (Eq. 7); the paper unrolls 3.
+    cfg.MODEL.LEVELSET.NUM_STEPS = 3
+    # C: channels of the Chan-Vese feature embedding F(r_m) that replaces image intensities in Eq. 6.
+    cfg.MODEL.LEVELSET.EMBED_CHANNELS = 64
+    # H = W of F(r_m), of the upsampled phi_0 and of phi_N (112 in the paper).
+    cfg.MODEL.LEVELSET.EVOLUTION_RESOLUTION = 112
+    # Side of the initial TSDF head's own output before upsampling (28 like Mask R-CNN's masks).
+    cfg.MODEL.LEVELSET.TSDF_RESOLUTION = 28
+    # TSDF truncation in pixels at EVOLUTION_RESOLUTION; distances are clamped to +-TRUNCATION and
+    # divided by it. 10 px at 112 = 2.5 px of the 28x28 head: phi_0 is a learnable ramp a few head
+    # pixels wide, and the delta_eps-weighted updates of phi_N act in a band ~9% of the box wide.
+    cfg.MODEL.LEVELSET.TRUNCATION = 10.0
+    # Weights of l_TSDF on phi_0 and phi_N (COCO 0.2 / 1, Cityscapes 1 / 5).
+    cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHI0 = 0.2
+    cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHIN = 1.0
+    # eps of the soft Heaviside that maps a TSDF to [0, 1] for the BCE term and for pred_masks.
+    cfg.MODEL.LEVELSET.LOSS_EPS = 0.1
+    # "adaptive": per-RoI hyperparameter head; "global": one learned vector for the dataset (ablation).
+    cfg.MODEL.LEVELSET.HYPERPARAM_MODE = "adaptive"
+    # Convs (ROI_MASK_HEAD.CONV_DIM wide) before the average pool of the hyperparameter head.
+    cfg.MODEL.LEVELSET.HYPERPARAM_NUM_CONV = 2
+    # Width of the first of the two FC layers of the hyperparameter head.
+    cfg.MODEL.LEVELSET.HYPERPARAM_FC_DIM = 256
+    # Convs (ROI_MASK_HEAD.CONV_DIM wide) of the Chan-Vese features head before its upsampling.
+    cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 2
+    # Stop the phi_N loss gradient at phi_0 (Table 4 ablation "Detach phi_0").
+    cfg.MODEL.LEVELSET.DETACH_PHI0 = False
+    # One class-agnostic phi_0 instead of one per class (like ROI_MASK_HEAD.CLS_AGNOSTIC_MASK).
+    cfg.MODEL.LEVELSET.CLS_AGNOSTIC = False
+    # Which TSDF becomes pred_masks at inference: "final" (phi_N) or "initial" (phi_0; Tables 2, 4).
+    cfg.MODEL.LEVELSET.INFERENCE_TSDF = "final"
+    # Also output the TSDF (pred_tsdf) so that sub-pixel zero-level polygons can be extracted
+    # (marching squares; `postprocessing.add_polygons`) and exported by the COCO evaluator.
+    cfg.MODEL.LEVELSET.RETURN_POLYGONS = False
+    # Side of the logits of the high-resolution Mask R-CNN head (ablation "112x112 Mask R-CNN").
+    cfg.MODEL.LEVELSET.MASK_RCNN_RESOLUTION = 112
+
+    # Add the boundary metrics (AF1, AF2, Boundary AP) beside COCO AP when evaluating.
+    cfg.TEST.BOUNDARY_EVAL = True
+
+
+def get_cfg():
+    """
+    Detectron2's default config with every key of this repository: LevelSet R-CNN's and, where
+    the DELSE project is installed, DELSE's. One helper for train_net.py, demo.py and
+    DefaultPredictor users, so that any saved config.yaml merges back.
+    """
+    from detectron2.config import get_cfg as get_detectron2_cfg
+
+    cfg = get_detectron2_cfg()
+    add_levelset_rcnn_config(cfg)
+    try:
+        from delse.config import add_delse_config
+    except ImportError:
+        pass
+    else:
+        add_delse_config(cfg)
+    return cfg

@@ -1,0 +1,107 @@
+"""
+Datasets of this repository, registered (lazily: importing touches no disk) on import:
+
+- ``synthetic_shapes_train`` / ``synthetic_shapes_val``: ``levelset.synthetic`` shapes (holes,
+  several components, textures), generated on first use under ``$LEVELSET_DATA`` (default
+  ``<repo>/datasets/synthetic``). Mixed polygon/RLE masks: use ``INPUT.MASK_FORMAT: bitmask``.
+- ``dsb2018_train`` / ``dsb2018_dev``: DSB2018 nuclei (RLE masks) from the shared data folder.
+- ``coco_sample_val2017``: 10 real COCO val2017 images with the official annotations and the 80
+  official category ids (same metadata as Detectron2's ``coco_2017_val``).
+
+The shared data folder is ``$LEVELSET_SHARED_DATA`` (default ``<repo>/../shared/data``). COCO,
+Cityscapes and LVIS (including ``lvis_v0.5_val_cocofied``) are Detectron2's builtin datasets,
+found under ``$DETECTRON2_DATASETS`` (default ``./datasets``).
+"""
+import os
+from pathlib import Path
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+
+__all__ = ["shared_data_root", "synthetic_root", "prepare_dataset", "SYNTHETIC_SPLITS"]
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+# name -> (split, number of images, seed); 128 x 128 images.
+SYNTHETIC_SPLITS = {
+    "synthetic_shapes_train": ("train", 300, 0),
+    "synthetic_shapes_val": ("val", 24, 1),
+}
+SYNTHETIC_IMAGE_SIZE = 128
+
+
+def shared_data_root() -> Path:
+    return Path(os.environ.get("LEVELSET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def synthetic_root() -> Path:
+    return Path(os.environ.get("LEVELSET_DATA", REPO_ROOT / "datasets" / "synthetic"))
+
+
+def _generate_synthetic(name: str) -> Path:
+    from levelset.synthetic import generate_coco_dataset
+
+    split, num_images, seed = SYNTHETIC_SPLITS[name]
+    # Idempotent: returns at once when the json and images with these parameters exist.
+    return Path(
+        generate_coco_dataset(synthetic_root(), num_images=num_images,
+                              image_size=SYNTHETIC_IMAGE_SIZE, seed=seed, split=split)
+    )
+
+
+def _register_synthetic(name: str) -> None:
+    split = SYNTHETIC_SPLITS[name][0]
+    json_file = synthetic_root() / f"{split}.json"
+
+    def load():
+        path = _generate_synthetic(name)
+        return load_coco_json(str(path), str(path.with_suffix("")), name)
+
+    DatasetCatalog.register(name, load)
+    from levelset.synthetic import SYNTHETIC_CATEGORIES
+
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file),
+        image_root=str(json_file.with_suffix("")),
+        evaluator_type="coco",
+        thing_classes=[c["name"] for c in SYNTHETIC_CATEGORIES],
+        thing_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(SYNTHETIC_CATEGORIES)},
+    )
+
+
+def _register_coco_json(name: str, json_file: Path, image_root: Path, **metadata) -> None:
+    """Like ``register_coco_instances``, but resolves paths at load time (env var may change)."""
+    DatasetCatalog.register(name, lambda: load_coco_json(str(json_file), str(image_root), name))
+    MetadataCatalog.get(name).set(
+        json_file=str(json_file), image_root=str(image_root), evaluator_type="coco", **metadata
+    )
+
+
+def prepare_dataset(name: str) -> None:
+    """Create a dataset's files if this repository generates them (the synthetic splits)."""
+    if name in SYNTHETIC_SPLITS:
+        _generate_synthetic(name)
+
+
+def register_all() -> None:
+    for name in SYNTHETIC_SPLITS:
+        if name not in DatasetCatalog.list():
+            _register_synthetic(name)
+    shared = shared_data_root()
+    dsb = shared / "dsb2018"
+    for name, split in [("dsb2018_train", "train"), ("dsb2018_dev", "dev")]:
+        if name not in DatasetCatalog.list():
+            _register_coco_json(
+                name, dsb / f"{split}.json", dsb / "images",
+                thing_classes=["nucleus"], thing_dataset_id_to_contiguous_id={1: 0},
+            )
+    if "coco_sample_val2017" not in DatasetCatalog.list():
+        coco = shared / "coco_val2017_sample"
+        meta = _get_builtin_metadata("coco")  # the 80 official ids and class names, colors
+        _register_coco_json(
+            "coco_sample_val2017", coco / "instances_val2017_subset.json", coco / "images", **meta
+        )
+
+
+register_all()

@@ -1,0 +1,510 @@
+"""LevelSet R-CNN mask heads (section 4.1) and their loss (section 4.2).
+
+Heads produce, per RoI, an initial TSDF phi_0, Chan-Vese hyperparameters and a Chan-Vese feature
+embedding in ``layers``; the unrolled evolution is ``levelset.chan_vese`` (the shared core), and
+targets, loss and inference are the plain functions below.
+"""
+from typing import Dict, List, Tuple
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import levelset
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ConvTranspose2d, ShapeSpec, cat, get_norm
+from detectron2.modeling.roi_heads.mask_head import (
+    ROI_MASK_HEAD_REGISTRY,
+    MaskRCNNConvUpsampleHead,
+)
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+
+__all__ = [
+    "TSDFMaskRCNNHead",
+    "LevelSetMaskHead",
+    "HighResMaskRCNNHead",
+    "HyperparameterHead",
+    "GlobalHyperparameters",
+    "ChanVeseFeaturesHead",
+    "tsdf_targets",
+    "tsdf_loss",
+    "select_class",
+    "split_hyperparameters",
+    "levelset_inference",
+]
+
+# Probabilities are clamped to [_BCE_MIN_PROB, 1] inside the logs of the BCE.
+_BCE_MIN_PROB = 1e-6
+
+
+def tsdf_targets(
+    instances: List[Instances], resolution: int, truncation: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Ground-truth masks and TSDFs of positive RoIs, cropped to the proposal boxes exactly as
+    Detectron2's ``mask_rcnn_loss`` does (``gt_masks.crop_and_resize``).
+
+    Args:
+        instances: per image, with ``proposal_boxes`` and ``gt_masks`` (PolygonMasks or BitMasks).
+        resolution: side S of the targets.
+        truncation: TSDF truncation in pixels at resolution S.
+    Returns:
+        gt_masks (R, S, S) bool, gt_tsdf (R, S, S) float32 in [-1, 1], positive inside.
+    """
+    masks = [
+        inst.gt_masks.crop_and_resize(inst.proposal_boxes.tensor, resolution)
+        for inst in instances
+        if len(inst) > 0
+    ]
+    if len(masks) == 0:
+        device = instances[0].proposal_boxes.device if len(instances) else "cpu"
+        empty = torch.zeros((0, resolution, resolution), device=device)
+        return empty.bool(), empty
+    masks = cat(masks, dim=0)
+    masks = masks if masks.dtype == torch.bool else masks > 0.5
+    return masks, levelset.mask_to_tsdf(masks, truncation)
+
+
+def soft_heaviside_bce(phi: torch.Tensor, gt_masks: torch.Tensor, eps: float) -> torch.Tensor:
+    """
+    Mean BCE(H_eps(phi), M) in float32. ``1 - H_eps(z) = H_eps(-z)`` exactly, so both logs are
+    taken of a probability computed without cancellation, then clamped.
+
+    Args:
+        phi: (R, S, S) TSDF; gt_masks: (R, S, S) bool.
+    """
+    phi = phi.float()
+    m = gt_masks.to(phi.dtype)
+    log_p = levelset.heaviside(phi, eps).clamp_min(_BCE_MIN_PROB).log()
+    log_not_p = levelset.heaviside(-phi, eps).clamp_min(_BCE_MIN_PROB).log()
+    return -(m * log_p + (1 - m) * log_not_p).mean()
+
+
+def tsdf_loss(
+    phi: torch.Tensor, gt_tsdf: torch.Tensor, gt_masks: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """
+    l_TSDF of section 4.2: ``|phi - phi_GT|_1 + BCE(H_eps(phi), M_GT)``, both averaged over pixels
+    and RoIs.
+
+    Args:
+        phi: (R, 1, S, S) predicted TSDF; gt_tsdf: (R, S, S); gt_masks: (R, S, S) bool.
+    Returns:
+        scalar loss.
+    """
+    phi = phi[:, 0].float()
+    return F.l1_loss(phi, gt_tsdf.float()) + soft_heaviside_bce(phi, gt_masks, eps)
+
+
+def select_class(predictions: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """
+    Pick each RoI's channel of a per-class prediction with index tensors (as ``mask_rcnn_loss``).
+
+    Args:
+        predictions: (R, K, S, S), K = #classes or 1 (class-agnostic).
+        classes: (R,) int64 class of each RoI.
+    Returns:
+        (R, 1, S, S)
+    """
+    if predictions.size(1) == 1:
+        return predictions
+    indices = torch.arange(predictions.size(0), device=predictions.device)
+    return predictions[indices, classes.to(predictions.device)][:, None]
+
+
+def split_hyperparameters(hyperparameters: torch.Tensor, num_steps: int) -> Dict[str, torch.Tensor]:
+    """
+    Args:
+        hyperparameters: (R, 2N + 3) ordered as lambda1, lambda2, mu, eps_1..N, dt_1..N.
+    Returns:
+        keyword arguments of ``levelset.chan_vese``: lambda1, lambda2, mu (R,); eps, dt (R, N).
+    """
+    n = num_steps
+    assert hyperparameters.size(1) == 2 * n + 3, hyperparameters.shape
+    return {
+        "lambda1": hyperparameters[:, 0],
+        "lambda2": hyperparameters[:, 1],
+        "mu": hyperparameters[:, 2],
+        "eps": hyperparameters[:, 3 : 3 + n],
+        "dt": hyperparameters[:, 3 + n : 3 + 2 * n],
+    }
+
+
+def levelset_inference(
+    phi: torch.Tensor, pred_instances: List[Instances], eps: float, return_tsdf: bool = False
+) -> None:
+    """
+    Attach ``pred_masks = H_eps(phi)`` (R, 1, S, S) to each image's instances. Detectron2 pastes
+    them with threshold 0.5, i.e. it cuts the zero level set of phi (H_eps(0) = 0.5).
+
+    Args:
+        phi: (R, 1, S, S) TSDF of the predicted class, RoIs of all images concatenated.
+        return_tsdf: also attach phi itself as ``pred_tsdf`` (for sub-pixel polygons).
+    """
+    num_boxes_per_image = [len(i) for i in pred_instances]
+    masks = levelset.heaviside(phi.float(), eps).split(num_boxes_per_image, dim=0)
+    tsdfs = phi.float().split(num_boxes_per_image, dim=0)
+    for mask, tsdf, instances in zip(masks, tsdfs, pred_instances):
+        instances.pred_masks = mask
+        if return_tsdf:
+            instances.pred_tsdf = tsdf
+
+
+def _conv_stack(in_channels: int, conv_dims: List[int], norm: str) -> Tuple[nn.Sequential, int]:
+    """3x3 conv + norm + ReLU layers, MSRA-initialised as in Detectron2's mask head."""
+    layers = []
+    for dim in conv_dims:
+        conv = Conv2d(
+            in_channels, dim, kernel_size=3, padding=1, bias=not norm,
+            norm=get_norm(norm, dim), activation=nn.ReLU(),
+        )
+        weight_init.c2_msra_fill(conv)
+        layers.append(conv)
+        in_channels = dim
+    return nn.Sequential(*layers), in_channels
+
+
+class HyperparameterHead(nn.Module):
+    """
+    Adaptive per-RoI hyperparameters (section 4.1): convs -> average pool -> 2 FC -> 2N + 3 values
+    -> ``2 * sigmoid`` (positive, initialised at 1).
+    """
+
+    def __init__(self, in_channels: int, conv_dims: List[int], fc_dim: int, num_outputs: int,
+                 conv_norm: str = ""):
+        super().__init__()
+        self.convs, channels = _conv_stack(in_channels, conv_dims, conv_norm)
+        self.fc1 = nn.Linear(channels, fc_dim)
+        self.fc2 = nn.Linear(fc_dim, num_outputs)
+        weight_init.c2_xavier_fill(self.fc1)
+        nn.init.normal_(self.fc2.weight, std=0.001)
+        nn.init.constant_(self.fc2.bias, 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C, h, w) RoI features -> (R, 2N + 3)."""
+        x = self.convs(x).mean(dim=(2, 3))
+        return 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(x))))
+
+
+class GlobalHyperparameters(nn.Module):
+    """Ablation of section 5: one learned hyperparameter vector shared by all RoIs (2 * sigmoid)."""
+
+    def __init__(self, num_outputs: int):
+        super().__init__()
+        self.raw = nn.Parameter(torch.zeros(num_outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, ...) -> (R, 2N + 3)."""
+        return (2.0 * torch.sigmoid(self.raw)).expand(x.size(0), -1)
+
+
+class ChanVeseFeaturesHead(nn.Module):
+    """
+    Chan-Vese feature embedding F(r_m) (section 4.1): convs on the RoI features, a 2x deconv, a
+    1x1 projection to C channels, then one bilinear upsampling to S x S. All learned layers run at
+    RoI resolution (14 -> 28); only the final interpolation touches S x S, which keeps the head
+    cheap on CPU.
+    """
+
+    def __init__(self, in_channels: int, conv_dims: List[int], embed_channels: int,
+                 resolution: int, conv_norm: str = ""):
+        super().__init__()
+        self.convs, channels = _conv_stack(in_channels, conv_dims, conv_norm)
+        self.deconv = ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
+        self.embedding = Conv2d(channels, embed_channels, kernel_size=1)
+        self.resolution = resolution
+        weight_init.c2_msra_fill(self.deconv)
+        weight_init.c2_msra_fill(self.embedding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C_in, h, w) -> (R, C, S, S)."""
+        x = self.embedding(F.relu(self.deconv(self.convs(x))))
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(x, size=self.resolution, mode="bilinear", align_corners=False)
+        return x
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class TSDFMaskRCNNHead(nn.Module):
+    """
+    The initial TSDF head alone: Mask R-CNN's mask head with a TSDF output (tanh to [-1, 1]) trained
+    with l_TSDF. On its own it is the ablation "Mask R-CNN with TSDF targets" (section 5); it is
+    also the phi_0 part of :class:`LevelSetMaskHead`.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: ShapeSpec,
+        *,
+        num_classes: int,
+        conv_dims: List[int],
+        conv_norm: str = "",
+        tsdf_resolution: int = 28,
+        evolution_resolution: int = 112,
+        truncation: float = 10.0,
+        loss_weight_phi0: float = 1.0,
+        loss_eps: float = 0.1,
+        return_tsdf: bool = False,
+        vis_period: int = 0,
+    ):
+        """
+        Args:
+            input_shape: RoI feature shape.
+            num_classes: 1 for a class-agnostic phi_0.
+            conv_dims: widths of the conv layers, then of the 2x deconv (Mask R-CNN's convention).
+            tsdf_resolution: side of the head's own phi_0 output (28).
+            evolution_resolution: S, side phi_0 is upsampled to and targets are computed at.
+            truncation: TSDF truncation in pixels at S.
+            loss_weight_phi0: weight of l_TSDF(phi_0).
+            loss_eps: eps of H_eps in the BCE term and in pred_masks.
+            return_tsdf: attach ``pred_tsdf`` at inference (for polygons).
+        """
+        super().__init__()
+        self.initial_tsdf_head = MaskRCNNConvUpsampleHead(
+            input_shape, num_classes=num_classes, conv_dims=conv_dims, conv_norm=conv_norm
+        )
+        self.tsdf_resolution = tsdf_resolution
+        self.evolution_resolution = evolution_resolution
+        self.truncation = truncation
+        self.loss_weight_phi0 = loss_weight_phi0
+        self.loss_eps = loss_eps
+        self.return_tsdf = return_tsdf
+        self.vis_period = vis_period
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ls = cfg.MODEL.LEVELSET
+        conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
+        agnostic = ls.CLS_AGNOSTIC or cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
+        return {
+            "input_shape": input_shape,
+            "num_classes": 1 if agnostic else cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            "conv_dims": [conv_dim] * (cfg.MODEL.ROI_MASK_HEAD.NUM_CONV + 1),
+            "conv_norm": cfg.MODEL.ROI_MASK_HEAD.NORM,
+            "tsdf_resolution": ls.TSDF_RESOLUTION,
+            "evolution_resolution": ls.EVOLUTION_RESOLUTION,
+            "truncation": ls.TRUNCATION,
+            "loss_weight_phi0": ls.LOSS_WEIGHT_PHI0,
+            "loss_eps": ls.LOSS_EPS,
+            "return_tsdf": ls.RETURN_POLYGONS,
+            "vis_period": cfg.VIS_PERIOD,
+        }
+
+    def initial_tsdf(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C_in, h, w) RoI features -> (R, K, T, T) per-class phi_0 in [-1, 1], T = 28."""
+        phi = torch.tanh(self.initial_tsdf_head.layers(x))
+        if phi.shape[-1] != self.tsdf_resolution:
+            phi = F.interpolate(phi, size=self.tsdf_resolution, mode="bilinear", align_corners=False)
+        return phi
+
+    def upsample(self, phi: torch.Tensor) -> torch.Tensor:
+        """(R, 1, T, T) -> (R, 1, S, S). Done after class selection: K times cheaper than before."""
+        if phi.shape[-1] == self.evolution_resolution:
+            return phi
+        return F.interpolate(
+            phi, size=self.evolution_resolution, mode="bilinear", align_corners=False
+        )
+
+    def layers(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"initial_tsdf": self.initial_tsdf(x)}
+
+    def evolve(self, phi0: torch.Tensor, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final TSDF from phi_0 (R, 1, S, S). Without the Chan-Vese module phi_N = phi_0."""
+        return phi0
+
+    @staticmethod
+    def _classes(instances: List[Instances], training: bool) -> torch.Tensor:
+        field = "gt_classes" if training else "pred_classes"
+        return cat([getattr(i, field) for i in instances], dim=0).to(torch.int64)
+
+    def forward(self, x: torch.Tensor, instances: List[Instances]):
+        """
+        Args:
+            x: (R, C_in, h, w) RoI features of the foreground proposals (training) or detections.
+        Returns:
+            dict of losses in training; else ``instances`` with ``pred_masks`` (and ``pred_tsdf``).
+        """
+        outputs = self.layers(x)
+        classes = self._classes(instances, self.training)
+        phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
+        phi_n = self.evolve(phi0, outputs)
+        if self.training:
+            return self.losses(phi0, phi_n, instances)
+        levelset_inference(phi_n, instances, self.loss_eps, self.return_tsdf)
+        return instances
+
+    def losses(self, phi0, phi_n, instances) -> Dict[str, torch.Tensor]:
+        gt_masks, gt_tsdf = tsdf_targets(instances, phi0.shape[-1], self.truncation)
+        if gt_masks.shape[0] == 0:
+            return {"loss_tsdf_initial": phi0.sum() * 0}
+        self._log_accuracy(phi_n, gt_masks)
+        return {
+            "loss_tsdf_initial": self.loss_weight_phi0
+            * tsdf_loss(phi0, gt_tsdf.to(phi0.device), gt_masks.to(phi0.device), self.loss_eps)
+        }
+
+    def _log_accuracy(self, phi: torch.Tensor, gt_masks: torch.Tensor) -> None:
+        with torch.no_grad():
+            pred = phi[:, 0] > 0
+            gt = gt_masks.to(pred.device)
+            storage = get_event_storage()
+            storage.put_scalar("levelset/accuracy", (pred == gt).float().mean().item())
+            iou = (pred & gt).sum((1, 2)).float() / (pred | gt).sum((1, 2)).clamp_min(1).float()
+            storage.put_scalar("levelset/mask_iou", iou.mean().item())
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class LevelSetMaskHead(TSDFMaskRCNNHead):
+    """
+    LevelSet R-CNN's mask branch (section 4.1, Fig. 1): initial TSDF head, hyperparameter head and
+    Chan-Vese features head, followed by N unrolled Chan-Vese steps (Eqs. 6-9). Trained with
+    ``w_0 l_TSDF(phi_0) + w_N l_TSDF(phi_N)`` (section 4.2); pred_masks = H_eps(phi_N).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: ShapeSpec,
+        *,
+        num_steps: int = 3,
+        embed_channels: int = 64,
+        hyperparam_mode: str = "adaptive",
+        hyperparam_conv_dims: List[int] = (256, 256),
+        hyperparam_fc_dim: int = 256,
+        features_conv_dims: List[int] = (256, 256),
+        loss_weight_phin: float = 1.0,
+        detach_phi0: bool = False,
+        inference_tsdf: str = "final",
+        **kwargs,
+    ):
+        """
+        Args:
+            num_steps: N unrolled steps.
+            embed_channels: C of the Chan-Vese feature embedding.
+            hyperparam_mode: "adaptive" (per-RoI head) or "global" (one learned vector).
+            hyperparam_conv_dims, hyperparam_fc_dim: hyperparameter head widths.
+            features_conv_dims: conv widths of the Chan-Vese features head.
+            loss_weight_phin: weight of l_TSDF(phi_N).
+            detach_phi0: stop the gradient of the phi_N loss at phi_0 (Table 4).
+            inference_tsdf: "final" (phi_N) or "initial" (phi_0) becomes pred_masks.
+            kwargs: arguments of :class:`TSDFMaskRCNNHead`.
+        """
+        super().__init__(input_shape, **kwargs)
+        num_outputs = 2 * num_steps + 3
+        if hyperparam_mode == "adaptive":
+            self.hyperparameter_head = HyperparameterHead(
+                input_shape.channels, list(hyperparam_conv_dims), hyperparam_fc_dim, num_outputs,
+                kwargs.get("conv_norm", ""),
+            )
+        elif hyperparam_mode == "global":
+            self.hyperparameter_head = GlobalHyperparameters(num_outputs)
+        else:
+            raise ValueError(f"Unknown LEVELSET.HYPERPARAM_MODE {hyperparam_mode!r}")
+        self.chan_vese_features = ChanVeseFeaturesHead(
+            input_shape.channels, list(features_conv_dims), embed_channels,
+            self.evolution_resolution, kwargs.get("conv_norm", ""),
+        )
+        if inference_tsdf not in ("final", "initial"):
+            raise ValueError(f"Unknown LEVELSET.INFERENCE_TSDF {inference_tsdf!r}")
+        self.num_steps = num_steps
+        self.loss_weight_phin = loss_weight_phin
+        self.detach_phi0 = detach_phi0
+        self.inference_tsdf = inference_tsdf
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ls = cfg.MODEL.LEVELSET
+        conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
+        ret.update(
+            num_steps=ls.NUM_STEPS,
+            embed_channels=ls.EMBED_CHANNELS,
+            hyperparam_mode=ls.HYPERPARAM_MODE,
+            hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,
+            hyperparam_fc_dim=ls.HYPERPARAM_FC_DIM,
+            features_conv_dims=[conv_dim] * ls.FEATURES_NUM_CONV,
+            loss_weight_phin=ls.LOSS_WEIGHT_PHIN,
+            detach_phi0=ls.DETACH_PHI0,
+            inference_tsdf=ls.INFERENCE_TSDF,
+        )
+        return ret
+
+    def layers(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """
+        Returns:
+            initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1] (upsampled to S after selection),
+            hyperparameters: (R, 2N + 3) = lambda1, lambda2, mu, eps_1..N, dt_1..N, all positive,
+            chan_vese_features: (R, C, S, S).
+        """
+        return {
+            "initial_tsdf": self.initial_tsdf(x),
+            "hyperparameters": self.hyperparameter_head(x),
+            "chan_vese_features": self.chan_vese_features(x),
+        }
+
+    def evolve(self, phi0: torch.Tensor, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """phi_N after N Chan-Vese steps (Eq. 7) from phi_0 (R, 1, S, S)."""
+        if not self.training and self.inference_tsdf == "initial":
+            return phi0
+        if phi0.shape[0] == 0:
+            return phi0
+        return levelset.chan_vese(
+            phi0.detach() if self.detach_phi0 else phi0,
+            outputs["chan_vese_features"],
+            steps=self.num_steps,
+            **split_hyperparameters(outputs["hyperparameters"], self.num_steps),
+        )
+
+    def losses(self, phi0, phi_n, instances) -> Dict[str, torch.Tensor]:
+        gt_masks, gt_tsdf = tsdf_targets(instances, phi0.shape[-1], self.truncation)
+        if gt_masks.shape[0] == 0:
+            zero = phi0.sum() * 0 + phi_n.sum() * 0
+            return {"loss_tsdf_initial": zero, "loss_tsdf_final": zero}
+        gt_masks, gt_tsdf = gt_masks.to(phi0.device), gt_tsdf.to(phi0.device)
+        self._log_accuracy(phi_n, gt_masks)
+        return {
+            "loss_tsdf_initial": self.loss_weight_phi0
+            * tsdf_loss(phi0, gt_tsdf, gt_masks, self.loss_eps),
+            "loss_tsdf_final": self.loss_weight_phin
+            * tsdf_loss(phi_n, gt_tsdf, gt_masks, self.loss_eps),
+        }
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class HighResMaskRCNNHead(MaskRCNNConvUpsampleHead):
+    """
+    Ablation "112x112 Mask R-CNN" (section 5): Mask R-CNN's head and BCE loss with logits at
+    ``MASK_RCNN_RESOLUTION``, reached by extra 2x deconvs that halve the width each time.
+    Detectron2's ``mask_rcnn_loss`` crops the targets at the logits' resolution.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, num_classes, conv_dims, conv_norm="",
+                 output_resolution: int = 112, **kwargs):
+        super().__init__(input_shape, num_classes=num_classes, conv_dims=conv_dims,
+                         conv_norm=conv_norm, **kwargs)
+        pooler_side = input_shape.height or 14
+        predictor = self.predictor
+        del self.predictor  # re-added last: nn.Sequential runs children in registration order
+        channels, side, k = conv_dims[-1], 2 * pooler_side, 0
+        while side < output_resolution:
+            k += 1
+            deconv = ConvTranspose2d(channels, max(channels // 2, 1), kernel_size=2, stride=2)
+            weight_init.c2_msra_fill(deconv)
+            self.add_module(f"upsample_deconv{k}", deconv)
+            self.add_module(f"upsample_relu{k}", nn.ReLU())
+            channels, side = max(channels // 2, 1), side * 2
+        if side != output_resolution:
+            raise ValueError(f"{output_resolution} is not 2^k x the 2x{pooler_side} mask side")
+        self.predictor = Conv2d(channels, predictor.out_channels, kernel_size=1)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.constant_(self.predictor.bias, 0)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret["output_resolution"] = cfg.MODEL.LEVELSET.MASK_RCNN_RESOLUTION
+        return ret
