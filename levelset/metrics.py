@@ -55,7 +55,7 @@ def mask_to_boundary(mask: np.ndarray, width: int = 1, *, border_is_boundary: bo
     with a 3x3 square structuring element applied ``width`` times).
 
     ``width = 1`` gives the 1-pixel boundary: the mask pixels with at least one of their 8
-    neighbours outside the mask (a 4-connected, one-pixel-thick contour, holes included).
+    neighbours outside the mask (a one-pixel-thick closed contour; holes have their own).
 
     Args:
         mask: (H, W) binary mask.
@@ -124,7 +124,7 @@ def _f_from_distances(d_pred: np.ndarray, d_gt: np.ndarray, tol: float
     n_pred, n_gt = len(d_pred), len(d_gt)
     if n_pred == 0 and n_gt == 0:
         return 1.0, 1.0, 1.0
-    # DAVIS's conventions for one empty boundary: nothing predicted is precise, nothing is recalled.
+    # DAVIS's convention for one empty boundary: its own measure is vacuously 1, F is 0.
     precision = float(np.mean(d_pred <= tol)) if n_pred else 1.0
     recall = float(np.mean(d_gt <= tol)) if n_gt else 1.0
     if n_pred == 0 or n_gt == 0 or precision + recall == 0:
