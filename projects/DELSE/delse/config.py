@@ -1,0 +1,103 @@
+"""Config keys of DELSE (Wang et al., "Object Instance Annotation with Deep Extreme Level Set
+Evolution", CVPR 2019). Defaults are the paper's (section 5) unless a comment says otherwise."""
+from detectron2.config import CfgNode as CN
+
+
+def add_delse_config(cfg):
+    """Declare every DELSE key with its default. Idempotent: a second call changes nothing."""
+    if "DELSE" in cfg.MODEL:
+        return cfg
+
+    # ---------------------------------------------------------------- input: one crop per instance
+    cfg.INPUT.DELSE = CN()
+    # Pixels added on each side of the instance box before cropping (50 PASCAL/DAVIS, 10 Cityscapes).
+    cfg.INPUT.DELSE.CROP_MARGIN = 50
+    # Side of the square network input; the crop is resized to it (512 PASCAL/DAVIS, 224 Cityscapes).
+    cfg.INPUT.DELSE.INPUT_SIZE = 512
+    # "stretch": resize the margin-expanded box to the square input (DEXTR, Cityscapes-Stretching);
+    # "square": square crop centred on the box, aspect kept, may show other objects (Cityscapes-Hard).
+    cfg.INPUT.DELSE.CROP_MODE = "stretch"
+    # Extreme points may be moved up to this many pixels inwards (DEXTR's `pert`; 0 at test time).
+    cfg.INPUT.DELSE.EXTREME_POINT_JITTER = 5
+    # Uniform noise added to each click in image pixels, as a fraction of the box side (Table 7).
+    cfg.INPUT.DELSE.EXTREME_POINT_NOISE = 0.0
+    # Std (input pixels) of the Gaussian placed at each extreme point in the 4th input channel.
+    cfg.INPUT.DELSE.HEATMAP_SIGMA = 10.0
+    # Instances with a mask smaller than this many pixels (in the image) are not used.
+    cfg.INPUT.DELSE.MIN_AREA = 50
+    # Random horizontal flip of the crop during training.
+    cfg.INPUT.DELSE.RANDOM_FLIP = True
+
+    # ---------------------------------------------------------------- model
+    cfg.MODEL.DELSE = CN()
+    # Feed the extreme-point heatmap as 4th channel; False is the paper's DELSE* (box only).
+    cfg.MODEL.DELSE.USE_EXTREME_POINTS = True
+    # Encoder: Detectron2's ResNet built from cfg.MODEL.RESNETS with a 4-channel stem. The paper
+    # uses ResNet-101 (DEPTH 101); tiny configs use R-18. This key picks the stages it reads.
+    cfg.MODEL.DELSE.ENCODER_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Skip features (PolygonRNN++): every stage -> 3x3 conv+norm+ReLU, resized to res2, concatenated.
+    cfg.MODEL.DELSE.SKIP_FEATURES = True
+    # Channels of each skip projection (and of the encoder output when skip features are off).
+    cfg.MODEL.DELSE.SKIP_CHANNELS = 64
+    # Channels inside each branch's PSP module.
+    cfg.MODEL.DELSE.PSP_CHANNELS = 64
+    # Bin sizes of the PSP pyramid pooling (PSPNet).
+    cfg.MODEL.DELSE.PSP_BINS = [1, 2, 3, 6]
+    # Norm of the heads' convs ("BN", "GN", "SyncBN", "" ...); the encoder uses MODEL.RESNETS.NORM.
+    cfg.MODEL.DELSE.NORM = "BN"
+    # Evolution terms (ablations, Table 6): both off is the paper's "Level Set Regression".
+    cfg.MODEL.DELSE.USE_MOTION = True
+    cfg.MODEL.DELSE.USE_MODULATION = True
+
+    # ---------------------------------------------------------------- level set (eq. 9)
+    # TSDF truncation D in pixels of the network input (section 4.1).
+    cfg.MODEL.DELSE.TSDF_TRUNCATION = 30.0
+    # Evolution steps T, for training and inference.
+    cfg.MODEL.DELSE.EVOLUTION_STEPS = 5
+    # Time step of each explicit update (eq. 4), in input pixels per step for |V| = 1.
+    cfg.MODEL.DELSE.EVOLUTION_DT = 1.0
+    # Curvature weight lambda and distance-regularisation weight mu of eq. 9.
+    cfg.MODEL.DELSE.CURVATURE_WEIGHT = 1.0
+    cfg.MODEL.DELSE.DIST_REG_WEIGHT = 0.04
+    # eps of the Dirac that localises motion and curvature to the zero level (DRLSE style);
+    # None is the paper's eq. 9 as written (no localisation).
+    cfg.MODEL.DELSE.EVOLUTION_EPS = None
+    # epsilon of the approximated Heaviside of eq. 14.
+    cfg.MODEL.DELSE.HEAVISIDE_EPS = 1.0
+
+    # ---------------------------------------------------------------- training (Algorithm 1)
+    # "pretrain": multi-task loss of eq. 10 on the shifted GT LSF; "joint": L_T on evolve(phi0).
+    cfg.MODEL.DELSE.PHASE = "pretrain"
+    # With PHASE "pretrain", switch to "joint" at this iteration of the same run (0: never switch).
+    cfg.MODEL.DELSE.PRETRAIN_ITERS = 0
+    # Weights alpha (L_T) and beta (L_direct) of eq. 10.
+    cfg.MODEL.DELSE.EVOLUTION_LOSS_WEIGHT = 100.0
+    cfg.MODEL.DELSE.DIRECTION_LOSS_WEIGHT = 1.0
+    # Range of the shift Delta-h (input pixels) of the simulated initial LSF of eq. 12.
+    cfg.MODEL.DELSE.SHIFT_RANGE = 5.0
+
+    # ---------------------------------------------------------------- interactive (section 4.4)
+    # Simulated drag-and-drop corrections per sample during joint training (0: no motion editing).
+    cfg.MODEL.DELSE.NUM_CORRECTIONS = 0
+    # Simulated corrections at test time; the evaluator reports IoU after 0..N of them.
+    cfg.MODEL.DELSE.TEST_NUM_CORRECTIONS = 2
+    # Motion-editing block: residual 3x3 convs of this width, then a 2-channel conv.
+    cfg.MODEL.DELSE.EDIT_NUM_CONVS = 6
+    cfg.MODEL.DELSE.EDIT_CHANNELS = 128
+
+    # ---------------------------------------------------------------- DELSEMaskHead (Mask R-CNN)
+    # The RoI head (LevelSet R-CNN's Table 3 baseline) shares LevelSet R-CNN's keys for its TSDF
+    # head, targets and loss (MODEL.LEVELSET.{EVOLUTION_RESOLUTION, TRUNCATION, LOSS_*, ...}) and
+    # the evolution keys above (steps, dt, lambda, mu, eps, L_direct weight); it adds only:
+    # predict lambda, mu and dt_1..T per RoI (hyperparameter head) instead of the constants above.
+    cfg.MODEL.DELSE.ROI_HYPERPARAMETER_HEAD = False
+    # Losses of the RoI head (LevelSet R-CNN Table 3): "delse" = DELSE's own (MSE on phi_0 in
+    # pixels + alpha * class-balanced BCE on phi_T + beta * L_direct); "levelset_rcnn" = l_TSDF on
+    # phi_0 and phi_T with MODEL.LEVELSET.LOSS_WEIGHT_PHI0/PHIN, + beta * L_direct.
+    cfg.MODEL.DELSE.ROI_LOSS = "delse"
+
+    # ---------------------------------------------------------------- evaluation
+    cfg.TEST.DELSE = CN()
+    # Pixel tolerances of the boundary F-measure curve (DAVIS multi-scale evaluation, Fig. 5).
+    cfg.TEST.DELSE.BOUNDARY_TOLERANCES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    return cfg

@@ -1,0 +1,428 @@
+"""The DELSE network (Fig. 2): encoder with skip features, three PSP branches predicting the
+initial level set phi0, the motion field V and the modulation m, the level-set evolution of eq. 9
+(``levelset.delse_evolve``), and the motion-editing block of section 4.4."""
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import levelset
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.utils.events import get_event_storage
+
+from .data import paste_to_image, points_heatmap
+from .interactive import drag_channels, simulate_correction
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DELSE",
+    "PSPModule",
+    "SkipFeatures",
+    "MotionEditingBlock",
+    "level_set_loss",
+    "evolution_loss",
+    "direction_loss",
+]
+
+
+# ------------------------------------------------------------------------------- modules
+class PSPModule(nn.Module):
+    """Pyramid pooling (PSPNet) followed by a 3x3 fusion conv and a 1x1 predictor."""
+
+    def __init__(self, in_channels, channels, out_channels, bins=(1, 2, 3, 6), norm="BN"):
+        super().__init__()
+        self.bins = tuple(bins)
+        self.stages = nn.ModuleList(
+            Conv2d(in_channels, channels, 1, bias=not norm, norm=get_norm(norm, channels),
+                   activation=F.relu)
+            for _ in self.bins
+        )
+        self.fuse = Conv2d(in_channels + channels * len(self.bins), channels, 3, padding=1,
+                           bias=not norm, norm=get_norm(norm, channels), activation=F.relu)
+        self.predictor = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        pyramid = [x]
+        for bin_size, stage in zip(self.bins, self.stages):
+            # GroupNorm/BN on a 1x1 map is degenerate in batch 1; bins of 1 are still fine with BN
+            # in training batches > 1 and at test time (running stats).
+            y = stage(F.adaptive_avg_pool2d(x, bin_size))
+            pyramid.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
+        return self.predictor(self.fuse(torch.cat(pyramid, dim=1)))
+
+
+class SkipFeatures(nn.Module):
+    """Skip features (PolygonRNN++): each encoder stage -> 3x3 conv + norm + ReLU, resized to
+    the finest stage and concatenated. With ``enabled=False`` only the last stage is used."""
+
+    def __init__(self, input_shapes, channels, norm="BN", enabled=True):
+        super().__init__()
+        names = list(input_shapes) if enabled else [list(input_shapes)[-1]]
+        self.in_features = names
+        self.projections = nn.ModuleDict(
+            {
+                n: Conv2d(input_shapes[n].channels, channels, 3, padding=1, bias=not norm,
+                          norm=get_norm(norm, channels), activation=F.relu)
+                for n in names
+            }
+        )
+        self.out_channels = channels * len(names)
+        self.stride = min(input_shapes[n].stride for n in names)
+
+    def forward(self, features):
+        outs = [self.projections[n](features[n]) for n in self.in_features]
+        size = outs[0].shape[-2:] if len(outs) == 1 else max((o.shape[-2:] for o in outs), key=lambda s: s[0])
+        outs = [o if o.shape[-2:] == size else
+                F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs]
+        return torch.cat(outs, dim=1)
+
+
+class MotionEditingBlock(nn.Module):
+    """Re-predicts the motion field from (V, two drag channels) (section 4.4): an input conv,
+    ``num_convs`` residual 3x3 convs of ``channels`` channels, and a 2-channel conv.
+
+    The output is added to V, and the last conv starts at zero, so before it is trained the
+    block leaves V unchanged and a correction acts only through the extreme-point channel."""
+
+    def __init__(self, num_convs=6, channels=128, norm="BN"):
+        super().__init__()
+        self.stem = Conv2d(4, channels, 3, padding=1, activation=F.relu)
+        self.residuals = nn.ModuleList(
+            Conv2d(channels, channels, 3, padding=1, bias=not norm, norm=get_norm(norm, channels))
+            for _ in range(num_convs)
+        )
+        self.predictor = nn.Conv2d(channels, 2, 3, padding=1)
+        nn.init.zeros_(self.predictor.weight)
+        nn.init.zeros_(self.predictor.bias)
+
+    def forward(self, motion, drags):
+        x = self.stem(torch.cat([motion, drags], dim=1))
+        for conv in self.residuals:
+            x = F.relu(x + conv(x))
+        return motion + self.predictor(x)
+
+
+# ------------------------------------------------------------------------------- losses
+def level_set_loss(phi0, gt_tsdf):
+    """L_0 of eq. 11: mean squared error between phi0 and the GT TSDF, both (N, 1, S, S) pixels."""
+    return F.mse_loss(phi0, gt_tsdf)
+
+
+def evolution_loss(phi, gt_mask, eps):
+    """L_T of eq. 15: class-balanced BCE of the smooth Heaviside H_eps(phi_T) (eq. 14).
+
+    wp / wn are the fractions of background / foreground pixels of each sample (DEXTR's
+    class-balanced loss), so the rare class is not drowned.
+
+    Args:
+        phi: (N, 1, S, S) level set; gt_mask: (N, S, S) bool; eps: float.
+    Returns:
+        scalar, mean over pixels and samples.
+    """
+    target = gt_mask[:, None].float()
+    prob = levelset.heaviside(phi.float(), eps).clamp(1e-6, 1 - 1e-6)
+    pos = target.flatten(1).mean(1).view(-1, 1, 1, 1)
+    wp, wn = 1.0 - pos, pos
+    loss = -(wp * target * torch.log(prob) + wn * (1 - target) * torch.log(1 - prob))
+    return loss.mean()
+
+
+def direction_loss(motion, gt_direction):
+    """L_direct of eq. 16: mean squared angle (radians) between V and the GT direction.
+
+    Pixels where the GT direction is undefined (zero vector) are ignored; the cosine is clamped
+    away from +-1, where the derivative of acos is infinite.
+
+    Args:
+        motion: (N, 2, S, S); gt_direction: (N, 2, S, S) unit or zero vectors.
+    """
+    valid = gt_direction.norm(dim=1) > 0.5
+    cos = F.cosine_similarity(motion.float(), gt_direction, dim=1, eps=1e-6)
+    angle = torch.acos(cos.clamp(-1 + 1e-4, 1 - 1e-4))
+    return (angle[valid] ** 2).sum() / valid.sum().clamp_min(1)
+
+
+# ------------------------------------------------------------------------------- meta-arch
+@META_ARCH_REGISTRY.register()
+class DELSE(nn.Module):
+    """Deep Extreme Level Set Evolution.
+
+    Input: a list of samples from :class:`delse.data.DELSEDatasetMapper` (``image``,
+    ``extreme_heatmap``, targets when training). Training returns the loss dict of Algorithm 1
+    for the current phase; inference returns per sample ``phi0``, ``motion``, ``modulation``,
+    ``phi`` (phi_T), ``crop_mask``, ``mask`` (image coordinates, when ``crop_box`` and image size
+    are given) and, when GT is given and ``test_num_corrections > 0``, ``corrections``: the
+    results after each simulated drag.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        encoder,
+        skip_features,
+        initial_level_set_branch,
+        motion_branch,
+        modulation_branch,
+        motion_editing,
+        pixel_mean,
+        pixel_std,
+        use_extreme_points=True,
+        use_motion=True,
+        use_modulation=True,
+        tsdf_truncation=30.0,
+        evolution_steps=5,
+        evolution_dt=1.0,
+        curvature_weight=1.0,
+        dist_reg_weight=0.04,
+        evolution_eps=None,
+        heaviside_eps=1.0,
+        phase="pretrain",
+        pretrain_iters=0,
+        evolution_loss_weight=100.0,
+        direction_loss_weight=1.0,
+        shift_range=5.0,
+        num_corrections=0,
+        test_num_corrections=0,
+        heatmap_sigma=10.0,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.skip_features = skip_features
+        self.initial_level_set_branch = initial_level_set_branch
+        self.motion_branch = motion_branch
+        self.modulation_branch = modulation_branch
+        self.motion_editing = motion_editing
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.use_extreme_points = use_extreme_points
+        self.use_motion = use_motion
+        self.use_modulation = use_modulation
+        self.tsdf_truncation = float(tsdf_truncation)
+        self.evolution_steps = int(evolution_steps)
+        self.evolution_dt = evolution_dt
+        self.curvature_weight = curvature_weight
+        self.dist_reg_weight = dist_reg_weight
+        self.evolution_eps = evolution_eps
+        self.heaviside_eps = float(heaviside_eps)
+        if phase not in ("pretrain", "joint"):
+            raise ValueError(f"MODEL.DELSE.PHASE must be 'pretrain' or 'joint', got {phase!r}")
+        self.phase = phase
+        self.pretrain_iters = int(pretrain_iters)
+        self.evolution_loss_weight = float(evolution_loss_weight)
+        self.direction_loss_weight = float(direction_loss_weight)
+        self.shift_range = float(shift_range)
+        self.num_corrections = int(num_corrections)
+        self.test_num_corrections = int(test_num_corrections)
+        self.heatmap_sigma = float(heatmap_sigma)
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = cfg.MODEL.DELSE
+        use_points = d.USE_EXTREME_POINTS
+        encoder = build_resnet_backbone(cfg, ShapeSpec(channels=4 if use_points else 3))
+        shapes = encoder.output_shape()
+        skip = SkipFeatures({n: shapes[n] for n in d.ENCODER_FEATURES}, d.SKIP_CHANNELS, d.NORM,
+                            d.SKIP_FEATURES)
+
+        def branch(out_channels):
+            return PSPModule(skip.out_channels, d.PSP_CHANNELS, out_channels, d.PSP_BINS, d.NORM)
+
+        return {
+            "encoder": encoder,
+            "skip_features": skip,
+            "initial_level_set_branch": branch(1),
+            "motion_branch": branch(2),
+            "modulation_branch": branch(1),
+            "motion_editing": MotionEditingBlock(d.EDIT_NUM_CONVS, d.EDIT_CHANNELS, d.NORM),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "use_extreme_points": use_points,
+            "use_motion": d.USE_MOTION,
+            "use_modulation": d.USE_MODULATION,
+            "tsdf_truncation": d.TSDF_TRUNCATION,
+            "evolution_steps": d.EVOLUTION_STEPS,
+            "evolution_dt": d.EVOLUTION_DT,
+            "curvature_weight": d.CURVATURE_WEIGHT,
+            "dist_reg_weight": d.DIST_REG_WEIGHT,
+            "evolution_eps": d.EVOLUTION_EPS,
+            "heaviside_eps": d.HEAVISIDE_EPS,
+            "phase": d.PHASE,
+            "pretrain_iters": d.PRETRAIN_ITERS,
+            "evolution_loss_weight": d.EVOLUTION_LOSS_WEIGHT,
+            "direction_loss_weight": d.DIRECTION_LOSS_WEIGHT,
+            "shift_range": d.SHIFT_RANGE,
+            "num_corrections": d.NUM_CORRECTIONS,
+            "test_num_corrections": d.TEST_NUM_CORRECTIONS,
+            "heatmap_sigma": cfg.INPUT.DELSE.HEATMAP_SIGMA,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    @property
+    def evolves(self):
+        """False for the paper's "Level Set Regression" baseline (no motion, no modulation)."""
+        return self.use_motion or self.use_modulation
+
+    # ------------------------------------------------------------------ network
+    def layers(self, images, heatmaps, drags=None):
+        """The network of Fig. 2.
+
+        Args:
+            images: (N, 3, S, S) raw crops (0-255, cfg.INPUT.FORMAT); heatmaps: (N, 1, S, S) in
+            [0, 1]; drags: optional (N, 2, S, S) motion-editing channels.
+        Returns:
+            dict of (N, C, S, S) tensors: ``phi0`` (pixels), ``motion`` (vx, vy), ``modulation``.
+        """
+        x = (images - self.pixel_mean) / self.pixel_std
+        if self.use_extreme_points:
+            # Bring the heatmap to the range of the normalised colour channels.
+            x = torch.cat([x, heatmaps * (255.0 / self.pixel_std.mean())], dim=1)
+        feats = self.skip_features(self.encoder(x))
+        size = images.shape[-2:]
+
+        def up(t):
+            return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+        # The branch regresses TSDF / D, an O(1) target; phi0 itself is in pixels.
+        phi0 = self.initial_level_set_branch(feats) * self.tsdf_truncation
+        motion = self.motion_branch(feats)
+        if drags is not None:
+            # The block runs at the branches' resolution; samples without drags keep their V.
+            low = F.adaptive_avg_pool2d(drags, motion.shape[-2:])
+            edited = self.motion_editing(motion, low)
+            has_drag = drags.flatten(1).abs().sum(1).gt(0).view(-1, 1, 1, 1)
+            motion = torch.where(has_drag, edited, motion)
+        modulation = torch.sigmoid(self.modulation_branch(feats))
+        return {"phi0": up(phi0), "motion": up(motion), "modulation": up(modulation)}
+
+    def evolve(self, phi0, motion, modulation):
+        """phi_T of eq. 9 with the terms switched on in the config; returns (N, 1, S, S)."""
+        if not self.evolves:
+            return phi0
+        if not self.use_motion:
+            motion = torch.zeros_like(motion)
+        if not self.use_modulation:
+            modulation = torch.ones_like(modulation)
+        return levelset.delse_evolve(
+            phi0, motion, modulation,
+            curvature_weight=self.curvature_weight, dist_reg_weight=self.dist_reg_weight,
+            eps=self.evolution_eps, dt=self.evolution_dt, steps=self.evolution_steps,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def current_phase(self):
+        """PHASE, switched from "pretrain" to "joint" at PRETRAIN_ITERS of the running trainer."""
+        if self.phase == "pretrain" and self.pretrain_iters > 0:
+            try:
+                it = get_event_storage().iter
+            except AssertionError:  # no trainer running
+                return self.phase
+            if it >= self.pretrain_iters:
+                return "joint"
+        return self.phase
+
+    def _stack(self, batched_inputs, key):
+        return torch.stack([x[key] for x in batched_inputs]).to(self.device)
+
+    def forward(self, batched_inputs):
+        images = self._stack(batched_inputs, "image").float()
+        heatmaps = self._stack(batched_inputs, "extreme_heatmap").float()
+        if not self.training:
+            return self.inference(batched_inputs, images, heatmaps)
+        gt_mask = self._stack(batched_inputs, "gt_mask")
+        out = self.layers(images, heatmaps)
+        if self.current_phase() == "pretrain":
+            return self.pretrain_losses(out, gt_mask, batched_inputs)
+        return self.joint_losses(out, gt_mask, images, heatmaps)
+
+    def pretrain_losses(self, out, gt_mask, batched_inputs):
+        """Eq. 10: L0 + alpha L_T(evolve(phi_gt + dh)) + beta L_direct, dh ~ U[-5, 5] per sample."""
+        gt_tsdf = self._stack(batched_inputs, "gt_tsdf")
+        losses = {"loss_level_set": level_set_loss(out["phi0"], gt_tsdf)}
+        if self.evolves:
+            shift = (torch.rand(len(gt_tsdf), 1, 1, 1, device=self.device) * 2 - 1) * self.shift_range
+            phi_t = self.evolve(gt_tsdf + shift, out["motion"], out["modulation"])
+            losses["loss_evolution"] = self.evolution_loss_weight * evolution_loss(
+                phi_t, gt_mask, self.heaviside_eps)
+        if self.use_motion:
+            gt_direction = self._stack(batched_inputs, "gt_direction")
+            losses["loss_direction"] = self.direction_loss_weight * direction_loss(
+                out["motion"], gt_direction)
+        return losses
+
+    def joint_losses(self, out, gt_mask, images, heatmaps):
+        """L_T on evolve(phi0) (Algorithm 1, joint loop), plus L_T after each simulated drag."""
+        phi_t = self.evolve(out["phi0"], out["motion"], out["modulation"])
+        loss = evolution_loss(phi_t, gt_mask, self.heaviside_eps)
+        if self.num_corrections > 0:
+            state = [self._new_state(h[0]) for h in heatmaps]
+            for _ in range(self.num_corrections):
+                for s, phi, gt in zip(state, phi_t.detach()[:, 0], gt_mask):
+                    self._add_drag(s, simulate_correction(phi, gt))
+                corrected = self.corrected_terms(images, state)
+                phi_t = self.evolve(corrected["phi0"], corrected["motion"], corrected["modulation"])
+                loss = loss + evolution_loss(phi_t, gt_mask, self.heaviside_eps)
+            loss = loss / (self.num_corrections + 1)
+        return {"loss_evolution": self.evolution_loss_weight * loss}
+
+    # ------------------------------------------------------------------ corrections
+    def _new_state(self, heatmap):
+        """Interaction state of one sample: its extreme-point heatmap and the drags so far."""
+        return {"heatmap": heatmap, "drags": []}
+
+    def _add_drag(self, state, drag):
+        """Record a drag: its target joins the extreme-point channel (as DEXTR's extra clicks)."""
+        if drag is None:
+            return
+        state["drags"].append(drag)
+        S = state["heatmap"].shape[-2:]
+        click = points_heatmap(drag[1][None], S, self.heatmap_sigma).to(state["heatmap"])
+        state["heatmap"] = torch.maximum(state["heatmap"], click)
+
+    def corrected_terms(self, images, states):
+        """Re-run the network with every sample's corrections (heatmap + motion editing)."""
+        S = images.shape[-2:]
+        heatmaps = torch.stack([s["heatmap"] for s in states])[:, None]
+        drags = torch.stack([drag_channels(s["drags"], S, self.device) for s in states])
+        return self.layers(images, heatmaps, drags)
+
+    # ------------------------------------------------------------------ inference
+    def _result(self, terms, i, phi, x):
+        r = {k: v[i] for k, v in terms.items()}
+        r["phi"] = phi[i]
+        r["crop_mask"] = phi[i, 0] > 0
+        if "crop_box" in x and "height" in x:
+            r["mask"] = torch.from_numpy(paste_to_image(phi[i, 0], x["crop_box"], x["height"], x["width"]))
+        return r
+
+    def inference(self, batched_inputs, images, heatmaps):
+        terms = self.layers(images, heatmaps)
+        phi = self.evolve(terms["phi0"], terms["motion"], terms["modulation"])
+        results = [self._result(terms, i, phi, x) for i, x in enumerate(batched_inputs)]
+        have_gt = all("gt_mask" in x for x in batched_inputs)
+        if self.test_num_corrections > 0 and have_gt:
+            gt_mask = self._stack(batched_inputs, "gt_mask")
+            states = [self._new_state(h[0]) for h in heatmaps]
+            for r in results:
+                r["corrections"] = []
+            for _ in range(self.test_num_corrections):
+                for s, p, gt in zip(states, phi[:, 0], gt_mask):
+                    drag = simulate_correction(p, gt)
+                    self._add_drag(s, drag)
+                    s["last_drag"] = drag
+                terms = self.corrected_terms(images, states)
+                phi = self.evolve(terms["phi0"], terms["motion"], terms["modulation"])
+                for i, (x, s) in enumerate(zip(batched_inputs, states)):
+                    r = self._result(terms, i, phi, x)
+                    r["drag"] = s["last_drag"]
+                    results[i]["corrections"].append(r)
+        return results

@@ -1,0 +1,133 @@
+"""Interactive annotation with a trained DELSE model (section 4.4): four extreme clicks give a mask
+and a polygon; each drag of a wrong boundary point onto the right one re-predicts them."""
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+from skimage import measure
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from .data import (
+    crop_box_around,
+    points_box,
+    points_heatmap,
+    points_to_crop,
+    points_to_image,
+    paste_to_image,
+    warp_to_crop,
+)
+
+__all__ = ["DELSEPredictor", "DELSEResult", "zero_level_polygons"]
+
+
+@dataclass
+class DELSEResult:
+    """One prediction in image coordinates.
+
+    mask: (H, W) bool. polygon: (K, 2) float (x, y), the longest closed zero-level contour;
+    polygons: all of them (one per component / hole). phi: (S, S) final level set on the crop;
+    crop_box: (x0, y0, x1, y1) of the crop in the image.
+    """
+
+    mask: np.ndarray
+    polygon: np.ndarray
+    polygons: List[np.ndarray] = field(default_factory=list)
+    phi: np.ndarray = None
+    crop_box: np.ndarray = None
+
+
+def zero_level_polygons(phi, crop_box):
+    """Sub-pixel zero level set of a crop's level set as closed polygons in image (x, y).
+
+    Args:
+        phi: (S, S) float array, positive inside.
+    Returns:
+        list of (K, 2) float32 arrays, longest first.
+    """
+    # A negative border closes contours that touch the crop edge.
+    padded = np.pad(phi.astype(np.float64), 1, constant_values=min(float(phi.min()), 0.0) - 1.0)
+    contours = measure.find_contours(padded, 0.0)
+    size = phi.shape[-1]
+    polys = [points_to_image(c[:, ::-1] - 1.0, crop_box, size) for c in contours]
+    return sorted(polys, key=len, reverse=True)
+
+
+class DELSEPredictor:
+    """Like Detectron2's DefaultPredictor, for a DELSE model and an annotator's clicks.
+
+    Example::
+
+        predictor = DELSEPredictor(cfg)
+        result = predictor.predict(image_bgr, [(x_left, y), (x_right, y), (x, y_top), (x, y_bottom)])
+        result = predictor.correct(from_point=(x0, y0), to_point=(x1, y1))  # as often as needed
+    """
+
+    def __init__(self, cfg, model=None):
+        self.cfg = cfg.clone()
+        if model is None:
+            model = build_model(self.cfg)
+            if cfg.MODEL.WEIGHTS:
+                DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        self.model = model.eval()
+        d = cfg.INPUT.DELSE
+        self.input_size = d.INPUT_SIZE
+        self.crop_margin = d.CROP_MARGIN
+        self.crop_mode = d.CROP_MODE
+        self.heatmap_sigma = d.HEATMAP_SIGMA
+        self.input_format = cfg.INPUT.FORMAT
+        self._state = None
+
+    @torch.no_grad()
+    def predict(self, image_bgr, extreme_points):
+        """Segment the object given by four extreme clicks (x, y) in image pixels.
+
+        Starts a new annotation: previous corrections are forgotten.
+        """
+        points = np.asarray(extreme_points, dtype=np.float32).reshape(-1, 2)
+        image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
+        H, W = image.shape[:2]
+        S = self.input_size
+        crop_box = crop_box_around(points_box(points), self.crop_margin, self.crop_mode)
+        crop = warp_to_crop(np.ascontiguousarray(image), crop_box, S)
+        crop_points = torch.from_numpy(points_to_crop(points, crop_box, S))
+        device = self.model.device
+        heatmap = points_heatmap(crop_points, (S, S), self.heatmap_sigma).to(device)
+        images = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))).float()[None].to(device)
+        terms = self.model.layers(images, heatmap[None, None])
+        self._state = {
+            "images": images, "crop_box": crop_box, "size": (H, W),
+            "interaction": self.model._new_state(heatmap),
+        }
+        return self._finish(terms)
+
+    @torch.no_grad()
+    def correct(self, from_point, to_point):
+        """Drag the wrong boundary point ``from_point`` onto ``to_point`` (image (x, y)) and
+        re-predict with all corrections so far (motion-field editing, section 4.4)."""
+        if self._state is None:
+            raise RuntimeError("call predict() before correct()")
+        st = self._state
+        S = self.input_size
+        src, dst = points_to_crop(np.array([from_point, to_point], dtype=np.float32), st["crop_box"], S)
+        device = self.model.device
+        self.model._add_drag(st["interaction"], (torch.from_numpy(src).to(device),
+                                                 torch.from_numpy(dst).to(device)))
+        terms = self.model.corrected_terms(st["images"], [st["interaction"]])
+        return self._finish(terms)
+
+    def _finish(self, terms):
+        phi = self.model.evolve(terms["phi0"], terms["motion"], terms["modulation"])[0, 0]
+        phi = phi.float().cpu().numpy()
+        st = self._state
+        H, W = st["size"]
+        polys = zero_level_polygons(phi, st["crop_box"])
+        return DELSEResult(
+            mask=paste_to_image(phi, st["crop_box"], H, W),
+            polygon=polys[0] if polys else np.zeros((0, 2), np.float32),
+            polygons=polys,
+            phi=phi,
+            crop_box=st["crop_box"],
+        )
