@@ -1,8 +1,11 @@
+import contextlib
+import io
 import uuid
 
 import numpy as np
 import pytest
 import torch
+from pycocotools.coco import COCO
 from scipy import ndimage
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -26,8 +29,10 @@ def coco_sample_dataset(coco_sample_dir):
 def _run(name, dicts, transform=lambda m: m):
     """Feed every non-crowd GT mask, transformed, as a prediction; return the evaluator's result."""
     evaluator = BoundaryEvaluator(name)
-    coco = evaluator._coco_api
-    mapping = MetadataCatalog.get(name).thing_dataset_id_to_contiguous_id
+    metadata = MetadataCatalog.get(name)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(metadata.json_file)
+    mapping = metadata.thing_dataset_id_to_contiguous_id
     evaluator.reset()
     for d in dicts:
         anns = [a for a in coco.imgToAnns[d["image_id"]] if not a["iscrowd"]]
