@@ -1,0 +1,243 @@
+"""LevelSet R-CNN heads, targets, losses, inference and checkpoint loading (CPU, tiny configs)."""
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import levelset
+import levelset_rcnn
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from levelset_rcnn.mask_head import (
+    GlobalHyperparameters,
+    HighResMaskRCNNHead,
+    LevelSetMaskHead,
+    TSDFMaskRCNNHead,
+    split_hyperparameters,
+    tsdf_loss,
+    tsdf_targets,
+)
+from levelset_rcnn.postprocessing import polygons_to_coco, tsdf_to_polygons
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LevelSetRCNN"
+
+
+def tiny_cfg(name="tiny_levelset_rcnn_coco_sample.yaml", *opts):
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(CONFIGS / name))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def small_head(**kwargs):
+    args = dict(
+        num_classes=3, conv_dims=[16, 16], hyperparam_conv_dims=[16], hyperparam_fc_dim=16,
+        features_conv_dims=[16], embed_channels=8, evolution_resolution=56, truncation=5.0,
+    )
+    args.update(kwargs)
+    return LevelSetMaskHead(ShapeSpec(channels=16, height=14, width=14), **args)
+
+
+@pytest.fixture(scope="module")
+def coco_batch(coco_sample_dir):
+    """Two real COCO val2017 images (polygons) through Detectron2's training mapper."""
+    cfg = tiny_cfg()
+    dicts = DatasetCatalog.get("coco_sample_val2017")
+    mapper = DatasetMapper(cfg, is_train=True)
+    torch.manual_seed(0)
+    batch = [mapper(d) for d in dicts if len(d["annotations"]) >= 3][:2]
+    assert len(batch) == 2
+    return batch
+
+
+def test_registration_and_config_keys():
+    for name in ["LevelSetMaskHead", "TSDFMaskRCNNHead", "HighResMaskRCNNHead"]:
+        assert name in ROI_MASK_HEAD_REGISTRY
+    for name in ["synthetic_shapes_train", "synthetic_shapes_val", "dsb2018_train", "dsb2018_dev",
+                 "coco_sample_val2017"]:
+        assert name in DatasetCatalog.list()
+    assert MetadataCatalog.get("synthetic_shapes_train").thing_classes == ["disc", "ring", "blob", "pair"]
+    cfg = levelset_rcnn.get_cfg()
+    ls = cfg.MODEL.LEVELSET
+    assert (ls.NUM_STEPS, ls.EMBED_CHANNELS, ls.EVOLUTION_RESOLUTION, ls.TSDF_RESOLUTION) == (3, 64, 112, 28)
+    assert (ls.LOSS_WEIGHT_PHI0, ls.LOSS_WEIGHT_PHIN, ls.LOSS_EPS) == (0.2, 1.0, 0.1)
+    # Every config of the project merges into get_cfg() (no undeclared key anywhere).
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        c = levelset_rcnn.get_cfg()
+        c.merge_from_file(str(path))
+
+
+def test_head_layer_shapes_and_ranges():
+    head = small_head(num_steps=3)
+    out = head.layers(torch.randn(5, 16, 14, 14))
+    assert out["initial_tsdf"].shape == (5, 3, 28, 28)
+    assert out["initial_tsdf"].abs().max() <= 1.0
+    assert out["hyperparameters"].shape == (5, 2 * 3 + 3)
+    assert ((out["hyperparameters"] > 0) & (out["hyperparameters"] < 2)).all()
+    assert out["chan_vese_features"].shape == (5, 8, 56, 56)
+    hp = split_hyperparameters(out["hyperparameters"], 3)
+    assert hp["lambda1"].shape == (5,) and hp["eps"].shape == (5, 3) and hp["dt"].shape == (5, 3)
+
+    head = small_head(num_steps=2, hyperparam_mode="global")
+    assert isinstance(head.hyperparameter_head, GlobalHyperparameters)
+    h = head.layers(torch.randn(4, 16, 14, 14))["hyperparameters"]
+    assert h.shape == (4, 7) and torch.allclose(h, torch.ones_like(h))  # 2 * sigmoid(0)
+
+
+def test_highres_mask_rcnn_head_outputs_112():
+    head = HighResMaskRCNNHead(ShapeSpec(channels=16, height=14, width=14), num_classes=2,
+                               conv_dims=[16, 16], output_resolution=112)
+    assert head.layers(torch.randn(3, 16, 14, 14)).shape == (3, 2, 112, 112)
+
+
+def test_tsdf_targets_on_real_coco_polygons(coco_sample_dir):
+    dicts = DatasetCatalog.get("coco_sample_val2017")
+    d = max(dicts, key=lambda d: len(d["annotations"]))
+    annos = [a for a in d["annotations"] if not a.get("iscrowd", 0)]
+    inst = utils.annotations_to_instances(annos, (d["height"], d["width"]), mask_format="polygon")
+    # Proposals: GT boxes shifted and enlarged, so the crop is not the trivial one.
+    boxes = inst.gt_boxes.tensor.clone()
+    wh = boxes[:, 2:] - boxes[:, :2]
+    boxes[:, :2] -= 0.2 * wh
+    boxes[:, 2:] += 0.1 * wh
+    inst.proposal_boxes = Boxes(boxes)
+    masks, tsdf = tsdf_targets([inst], 112, 10.0)
+    assert masks.shape == tsdf.shape == (len(inst), 112, 112)
+    expected_masks = inst.gt_masks.crop_and_resize(boxes, 112)
+    assert torch.equal(masks, expected_masks)
+    assert torch.equal(tsdf, levelset.mask_to_tsdf(expected_masks, 10.0))
+    # Independent oracle: scipy's exact EDT, truncated at 10 px and normalised.
+    for m, t in zip(masks.numpy(), tsdf.numpy()):
+        sdf = ndimage.distance_transform_edt(m) - ndimage.distance_transform_edt(~m)
+        np.testing.assert_allclose(t, np.clip(sdf, -10, 10) / 10, atol=1e-5)
+        assert ((t > 0) == m).all()
+
+
+def test_tsdf_loss_is_stable_and_prefers_the_target():
+    mask = torch.zeros(2, 32, 32, dtype=torch.bool)
+    mask[:, 8:24, 10:20] = True
+    gt = levelset.mask_to_tsdf(mask, 4.0)
+    good = tsdf_loss(gt[:, None], gt, mask, 0.1)
+    bad = tsdf_loss(-gt[:, None], gt, mask, 0.1)
+    assert good < bad
+    assert math.isclose(float(tsdf_loss(gt[:, None], gt, mask, 0.1)), float(good))
+    phi = (1e4 * -gt[:, None]).requires_grad_()  # confidently wrong everywhere
+    loss = tsdf_loss(phi, gt, mask, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(phi.grad).all()
+
+
+def test_head_training_loss_and_inference_shapes():
+    torch.manual_seed(0)
+    head = small_head(num_steps=2, return_tsdf=True)
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [10.0, 5.0, 50.0, 60.0]])
+    from detectron2.structures import BitMasks
+
+    m = torch.zeros(2, 64, 64, dtype=torch.bool)
+    m[0, 5:30, 5:30] = True
+    m[1, 20:50, 15:45] = True
+    inst = Instances((64, 64), proposal_boxes=Boxes(boxes), gt_classes=torch.tensor([0, 2]),
+                     gt_masks=BitMasks(m))
+    head.train()
+    with EventStorage():
+        losses = head(torch.randn(2, 16, 14, 14), [inst])
+    assert set(losses) == {"loss_tsdf_initial", "loss_tsdf_final"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+
+    head.eval()
+    pred = Instances((64, 64), pred_boxes=Boxes(boxes), pred_classes=torch.tensor([1, 0]))
+    with torch.no_grad():
+        (out,) = head(torch.randn(2, 16, 14, 14), [pred])
+    assert out.pred_masks.shape == (2, 1, 56, 56)
+    assert out.pred_tsdf.shape == (2, 1, 56, 56)
+    # pred_masks = H_eps(phi_N): 0.5 exactly on the zero level set.
+    assert torch.allclose(out.pred_masks, levelset.heaviside(out.pred_tsdf, 0.1))
+
+
+def _grad_norm(module):
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_final_tsdf_gradient_reaches_all_heads(coco_batch, detach):
+    torch.manual_seed(0)
+    cfg = tiny_cfg("tiny_levelset_rcnn_coco_sample.yaml", "MODEL.LEVELSET.DETACH_PHI0", detach)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage():
+        losses = model(coco_batch)
+    losses["loss_tsdf_final"].backward()  # only the phi_N loss
+    head = model.roi_heads.mask_head
+    assert _grad_norm(head.hyperparameter_head) > 0
+    assert _grad_norm(head.chan_vese_features) > 0
+    assert _grad_norm(model.backbone.bottom_up) > 0
+    assert (_grad_norm(head.initial_tsdf_head) > 0) != detach
+
+
+def test_a_few_iterations_reduce_the_loss(coco_batch):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    mask_losses = []
+    with EventStorage():
+        for _ in range(8):
+            losses = model(coco_batch)
+            total = sum(losses.values())
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            mask_losses.append((losses["loss_tsdf_initial"] + losses["loss_tsdf_final"]).item())
+    assert np.mean(mask_losses[-2:]) < 0.9 * np.mean(mask_losses[:2]), mask_losses
+
+
+def test_polygons_are_the_zero_level_set_in_image_coordinates():
+    side = 112
+    yy, xx = np.mgrid[:side, :side] + 0.5
+    r = np.hypot(xx - 56, yy - 56)
+    ring = np.minimum(40 - r, r - 20)[None, None]  # annulus: positive for 20 < r < 40
+    box = Boxes(torch.tensor([[100.0, 50.0, 212.0, 274.0]]))  # x scale 1, y scale 2
+    (contours,) = tsdf_to_polygons(torch.tensor(ring, dtype=torch.float32), box)
+    assert len(contours) == 2  # outer boundary and the hole
+    radii = []
+    for c in contours:
+        # back to the RoI grid: x = 100 + u, y = 50 + 2 v (u, v in grid pixels, centres at +0.5)
+        u, v = c[:, 0] - 100, (c[:, 1] - 50) / 2
+        radii.append(np.hypot(u - 56, v - 56))
+    radii = sorted(radii, key=np.mean)
+    np.testing.assert_allclose(radii[0], 20, atol=0.3)
+    np.testing.assert_allclose(radii[1], 40, atol=0.3)
+    coco = polygons_to_coco(contours)
+    assert len(coco) == 2 and all(len(p) % 2 == 0 and len(p) >= 6 for p in coco)
+
+
+def test_mask_rcnn_checkpoint_loads_with_new_heads_reported(tmp_path, caplog):
+    torch.manual_seed(0)
+    mask_rcnn = build_model(tiny_cfg("tiny_mask_rcnn_synthetic.yaml"))
+    DetectionCheckpointer(mask_rcnn, save_dir=str(tmp_path)).save("mask_rcnn")
+    model = build_model(tiny_cfg("tiny_levelset_rcnn_synthetic.yaml"))
+    with caplog.at_level(logging.WARNING):
+        DetectionCheckpointer(model).load(str(tmp_path / "mask_rcnn.pth"))
+    source = mask_rcnn.state_dict()
+    shared = [k for k in model.state_dict()
+              if k.startswith(("backbone.", "proposal_generator.", "roi_heads.box_"))]
+    assert len(shared) > 50
+    for key in shared:
+        assert torch.equal(model.state_dict()[key], source[key]), key
+    log = caplog.text
+    assert "not found in the checkpoint" in log
+    for new in ["roi_heads.mask_head.hyperparameter_head", "roi_heads.mask_head.chan_vese_features",
+                "roi_heads.mask_head.initial_tsdf_head"]:
+        assert new in log
