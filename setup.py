@@ -13,5 +13,5 @@ setup(
         "levelset_rcnn": "projects/LevelSetRCNN/levelset_rcnn",
         "delse": "projects/DELSE/delse",
     },
-    install_requires=["torch", "torchvision", "numpy", "scipy", "opencv-python-headless"],
+    install_requires=["torch", "torchvision", "numpy", "scipy", "opencv-python-headless", "pycocotools"],
 )
