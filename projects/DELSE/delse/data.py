@@ -21,7 +21,6 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.data import detection_utils as utils
 from detectron2.data.build import get_detection_dataset_dicts
-from detectron2.structures import BoxMode
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +43,8 @@ __all__ = [
 def flatten_instances(dataset_dicts, min_area=0.0):
     """Image records -> one record per usable instance.
 
-    Crowd instances and instances whose area (``area`` field, else box area) is below
-    ``min_area`` pixels are skipped; the counts are logged.
+    Crowd instances and instances whose mask has fewer than ``min_area`` pixels are skipped; the
+    counts are logged.
 
     Returns:
         list[dict]: the image record's fields (file_name, height, width, image_id) plus
@@ -60,11 +59,7 @@ def flatten_instances(dataset_dicts, min_area=0.0):
                 continue
             if "segmentation" not in ann:
                 continue
-            area = ann.get("area")
-            if area is None:
-                x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
-                area = (x1 - x0) * (y1 - y0)
-            if area < min_area:
+            if min_area > 0 and mask_area(ann["segmentation"], record["height"], record["width"]) < min_area:
                 tiny += 1
                 continue
             inst = dict(base)
@@ -78,17 +73,27 @@ def flatten_instances(dataset_dicts, min_area=0.0):
     return out
 
 
+def _to_rle(segmentation, height, width):
+    if isinstance(segmentation, list):
+        return mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_util.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def mask_area(segmentation, height, width):
+    """Pixel count of a COCO polygon list / RLE dict (without decoding it)."""
+    if isinstance(segmentation, list) and len(segmentation) == 0:
+        return 0
+    return int(mask_util.area(_to_rle(segmentation, height, width)))
+
+
 def decode_mask(segmentation, height, width):
     """COCO polygon list / RLE dict (compressed or not) -> (H, W) bool array."""
-    if isinstance(segmentation, list):
-        if len(segmentation) == 0:
-            return np.zeros((height, width), dtype=bool)
-        rles = mask_util.frPyObjects(segmentation, height, width)
-        return mask_util.decode(mask_util.merge(rles)).astype(bool)
-    if isinstance(segmentation, dict):
-        if isinstance(segmentation["counts"], list):
-            segmentation = mask_util.frPyObjects(segmentation, height, width)
-        return mask_util.decode(segmentation).astype(bool)
+    if isinstance(segmentation, list) and len(segmentation) == 0:
+        return np.zeros((height, width), dtype=bool)
+    if isinstance(segmentation, (list, dict)):
+        return mask_util.decode(_to_rle(segmentation, height, width)).astype(bool)
     if isinstance(segmentation, np.ndarray):
         return segmentation.astype(bool)
     raise ValueError(f"unsupported segmentation type {type(segmentation)}")

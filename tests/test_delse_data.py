@@ -1,0 +1,152 @@
+"""DELSE data pipeline on real COCO val2017 instances: extreme points, crops, heatmap, TSDF and
+direction-field targets, and the crop/paste geometry."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    import levelset_rcnn
+
+    c = levelset_rcnn.get_cfg()
+    c.merge_from_file(str(REPO / "configs/DELSE/tiny_delse_coco_sample.yaml"))
+    c.INPUT.DELSE.INPUT_SIZE = 96
+    c.INPUT.DELSE.CROP_MARGIN = 20
+    c.MODEL.DELSE.TSDF_TRUNCATION = 10.0
+    c.MODEL.DEVICE = "cpu"
+    return c
+
+
+@pytest.fixture(scope="module")
+def instances(coco_sample_dir):
+    from detectron2.data import DatasetCatalog
+
+    import delse
+
+    return delse.flatten_instances(DatasetCatalog.get("coco_sample_val2017"), min_area=50)
+
+
+def test_flatten_skips_crowd_and_tiny(coco_sample_dir, instances):
+    from pycocotools.coco import COCO
+
+    coco = COCO(str(coco_sample_dir / "instances_val2017_subset.json"))
+    anns = list(coco.anns.values())
+    assert sum(a["iscrowd"] for a in anns) >= 1
+    # Tiny = fewer than 50 mask pixels once rasterised.
+    usable = [a for a in anns if not a["iscrowd"] and coco.annToMask(a).sum() >= 50]
+    assert 0 < len(usable) < len(anns)
+    assert len(instances) == len(usable)
+    assert all(not x["annotation"].get("iscrowd", 0) for x in instances)
+    assert len({x["instance_id"] for x in instances}) == len(instances)
+
+
+def test_extreme_points_on_real_masks(instances):
+    from delse.data import decode_mask, extreme_points
+
+    rng = np.random.default_rng(0)
+    for inst in instances[:15]:
+        mask = decode_mask(inst["annotation"]["segmentation"], inst["height"], inst["width"])
+        ys, xs = np.nonzero(mask)
+        pts = extreme_points(mask, 0, rng).astype(int)
+        assert all(mask[y, x] for x, y in pts)  # every point is a mask pixel
+        (lx, _), (rx, _), (_, ty), (_, by) = pts
+        assert (lx, rx, ty, by) == (xs.min(), xs.max(), ys.min(), ys.max())
+        jittered = extreme_points(mask, 3, rng).astype(int)
+        assert all(mask[y, x] for x, y in jittered)
+        assert jittered[0, 0] <= xs.min() + 3 and jittered[1, 0] >= xs.max() - 3
+        assert jittered[2, 1] <= ys.min() + 3 and jittered[3, 1] >= ys.max() - 3
+
+
+def test_mapper_targets_on_real_instances(cfg, instances):
+    from delse import DELSEDatasetMapper
+    from delse.data import decode_mask, paste_to_image
+
+    mapper = DELSEDatasetMapper(cfg, is_train=False)
+    S, D = cfg.INPUT.DELSE.INPUT_SIZE, cfg.MODEL.DELSE.TSDF_TRUNCATION
+    ious = []
+    for inst in instances[:8]:
+        out = mapper(inst)
+        assert out["image"].shape == (3, S, S) and out["extreme_heatmap"].shape == (1, S, S)
+        mask = out["gt_mask"].numpy()
+        heat = out["extreme_heatmap"][0].numpy()
+        # Heatmap: a peak of ~1 at each extreme point, which lies on (or next to) the GT mask.
+        dist_to_mask = ndimage.distance_transform_edt(~mask)
+        for x, y in out["extreme_points"].numpy():
+            xi, yi = int(round(x)), int(round(y))
+            assert heat[yi, xi] > 0.95
+            assert dist_to_mask[yi, xi] <= 1.5
+        peak_y, peak_x = np.unravel_index(heat.argmax(), heat.shape)
+        assert np.min(np.hypot(*(out["extreme_points"].numpy() - [peak_x, peak_y]).T)) <= 1.0
+        # TSDF in input pixels: positive inside, truncated at D, equal to the exact signed EDT.
+        tsdf = out["gt_tsdf"][0].numpy()
+        assert out["gt_tsdf"].shape == (1, S, S)
+        assert (tsdf[mask] > 0).all() and (tsdf[~mask] < 0).all()
+        assert np.abs(tsdf).max() <= D + 1e-4
+        exact = np.clip(ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask), -D, D)
+        np.testing.assert_allclose(tsdf, exact, atol=1e-3)
+        assert (tsdf == -D).any()  # the 20 px margin leaves background beyond the truncation
+        # Direction field: unit vectors; a step along them gets closer to the GT boundary.
+        v = out["gt_direction"].numpy()
+        dt = np.abs(ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask))
+        yy, xx = np.nonzero((dt >= 3) & (dt <= 8) & (np.linalg.norm(v, axis=0) > 0.5))
+        step_x = np.clip(np.round(xx + 2 * v[0, yy, xx]).astype(int), 0, S - 1)
+        step_y = np.clip(np.round(yy + 2 * v[1, yy, xx]).astype(int), 0, S - 1)
+        assert np.mean(dt[step_y, step_x] < dt[yy, xx]) > 0.95
+        # Crop -> paste round trip reproduces the GT mask in image coordinates.
+        full = decode_mask(inst["annotation"]["segmentation"], inst["height"], inst["width"])
+        pasted = paste_to_image(out["gt_tsdf"][0], out["crop_box"], inst["height"], inst["width"])
+        ious.append((pasted & full).sum() / (pasted | full).sum())
+    assert np.mean(ious) > 0.85, ious
+
+
+def test_crop_modes_stretch_and_square(cfg, instances):
+    from delse import DELSEDatasetMapper
+    from delse.data import decode_mask, mask_box
+
+    # The widest instance shows the difference best.
+    def aspect(inst):
+        x, y, w, h = inst["annotation"]["bbox"]
+        return w / h
+
+    inst = max(instances, key=aspect)
+    box = mask_box(decode_mask(inst["annotation"]["segmentation"], inst["height"], inst["width"]))
+    true_aspect = (box[2] - box[0]) / (box[3] - box[1])
+    assert true_aspect > 1.5
+    results = {}
+    for mode in ("stretch", "square"):
+        c = cfg.clone()
+        c.INPUT.DELSE.CROP_MODE = mode
+        out = DELSEDatasetMapper(c, is_train=False)(inst)
+        ys, xs = np.nonzero(out["gt_mask"].numpy())
+        results[mode] = (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+        x0, y0, x1, y1 = out["crop_box"]
+        if mode == "square":
+            assert abs((x1 - x0) - (y1 - y0)) < 1e-6
+    # Stretch: the margin-expanded box fills the square input, so the mask spans w / (w + 2m) of
+    # the width and h / (h + 2m) of the height.
+    m, w, h = cfg.INPUT.DELSE.CROP_MARGIN, box[2] - box[0], box[3] - box[1]
+    assert results["stretch"] == pytest.approx((w / (w + 2 * m)) / (h / (h + 2 * m)), rel=0.15)
+    assert results["stretch"] < 0.6 * true_aspect
+    assert results["square"] == pytest.approx(true_aspect, rel=0.15)  # aspect kept
+
+
+def test_train_mapper_jitter_and_flip_are_random(cfg, instances):
+    from delse import DELSEDatasetMapper
+
+    mapper = DELSEDatasetMapper(cfg, is_train=True)
+    outs = [mapper(instances[0]) for _ in range(6)]
+    points = {tuple(o["extreme_points"].numpy().round(2).ravel()) for o in outs}
+    assert len(points) > 1
+    assert "annotation" not in outs[0]
+    for o in outs:  # targets stay consistent with the (possibly flipped) crop
+        tsdf, mask = o["gt_tsdf"][0], o["gt_mask"]
+        assert bool((tsdf[mask] > 0).all()) and bool((tsdf[~mask] < 0).all())
+    test_mapper = DELSEDatasetMapper(cfg, is_train=False)
+    a, b = test_mapper(instances[0]), test_mapper(instances[0])
+    assert torch.equal(a["extreme_points"], b["extreme_points"])  # deterministic evaluation
