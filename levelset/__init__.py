@@ -6,7 +6,7 @@ Submodules imported on demand (they need pycocotools / OpenCV): ``levelset.metri
 AF1/AF2, Boundary IoU and Boundary AP, DAVIS J/F) and ``levelset.synthetic`` (the built-in dataset).
 """
 from .evolution import chan_vese, chan_vese_energy, delse_evolve
-from .functional import curvature, dirac, divergence, gradient, gradient_norm, heaviside
+from .functional import curvature, dirac, divergence, divergence_xy, gradient, gradient_norm, gradient_xy, heaviside, norm_xy
 from .tsdf import direction_field, mask_to_tsdf, signed_distance
 
 __all__ = [
@@ -17,9 +17,12 @@ __all__ = [
     "direction_field",
     "dirac",
     "divergence",
+    "divergence_xy",
     "gradient",
     "gradient_norm",
+    "gradient_xy",
     "heaviside",
     "mask_to_tsdf",
+    "norm_xy",
     "signed_distance",
 ]

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .functional import GRAD_EPS, curvature, dirac, divergence, gradient, gradient_norm, heaviside
+from .functional import GRAD_EPS, curvature, dirac, divergence_xy, gradient_xy, heaviside, norm_xy
 
 # Region areas below this (in pixels) are treated as this, so c1/c2 stay finite for an empty region.
 _MIN_AREA = 1e-4
@@ -71,19 +71,94 @@ def _unroll(phi, dt, steps, velocity, return_all):
     return iterates if return_all else phi
 
 
-def _region_means(features, h, f_sum):
+def _interpolation_matrix(n_out, n_in, dtype, device):
+    """(n_out, n_in) matrix of 1-D linear upsampling, as F.interpolate(align_corners=False) does."""
+    eye = torch.eye(n_in, dtype=dtype, device=device)[None]
+    return torch.nn.functional.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
+class _DenseFeatures:
+    """Features given on phi's grid: (R, C, H, W)."""
+
+    def __init__(self, features):
+        R, C, H, W = features.shape
+        self.f = features.reshape(R, C, H * W)  # (R, C, P)
+        self.sq_norm = (self.f * self.f).sum(dim=1)  # (R, P): |F|^2, once per RoI
+        self.total = self.f.sum(dim=2)  # (R, C)
+
+    def weighted_sum(self, w):
+        """(R, P) weights -> (R, C): sum_p F_p w_p."""
+        return torch.einsum("rcp,rp->rc", self.f, w)
+
+    def dot(self, v):
+        """(R, C) vectors -> (R, P): F_p . v."""
+        return torch.einsum("rcp,rc->rp", self.f, v)
+
+
+class _UpsampledFeatures:
+    """Features f (R, C, h, w) on a coarser grid, standing for F = bilinear_upsample(f) on phi's (H, W) grid.
+
+    F is never materialised: with U = Uy (x) Ux the separable upsampling, F . v = U (f . v) and
+    sum_p F_p w_p = sum_q f_q (U^T w)_q, so the C-channel work happens on the coarse grid. |F|^2 is
+    exact too: each row of Uy has two adjacent non-zeros, so |F(y, x)|^2 needs only the products
+    of x-upsampled rows i and i+1.
+    """
+
+    def __init__(self, features, H, W):
+        R, C, h, w = features.shape
+        self.uy = _interpolation_matrix(H, h, features.dtype, features.device)  # (H, h)
+        self.ux = _interpolation_matrix(W, w, features.dtype, features.device)  # (W, w)
+        self.f = features.reshape(R, C, h * w)
+        self.shape = (R, h, w, H, W)
+        g = torch.einsum("rcij,xj->rcix", features, self.ux)  # (R, C, h, W): upsampled along x only
+        same = (g * g).sum(1)  # (R, h, W)
+        if h > 1:
+            nxt = (g[:, :, :-1] * g[:, :, 1:]).sum(1)  # (R, h - 1, W)
+            band = self.uy[:, :-1] * self.uy[:, 1:]  # (H, h - 1)
+            sq = torch.einsum("yi,rix->ryx", self.uy * self.uy, same) + 2 * torch.einsum("yi,rix->ryx", band, nxt)
+        else:
+            sq = torch.einsum("yi,rix->ryx", self.uy * self.uy, same)
+        self.sq_norm = sq.reshape(R, H * W)
+        self.total = self.weighted_sum(torch.ones(R, H * W, dtype=features.dtype, device=features.device))
+
+    def weighted_sum(self, w):
+        R, h, w_, H, W = self.shape
+        wl = torch.einsum("yi,ryx,xj->rij", self.uy, w.view(R, H, W), self.ux)  # U^T w on the coarse grid
+        return torch.einsum("rcq,rq->rc", self.f, wl.reshape(R, h * w_))
+
+    def dot(self, v):
+        R, h, w_, H, W = self.shape
+        low = torch.einsum("rcq,rc->rq", self.f, v).view(R, h, w_)
+        return torch.einsum("yi,rij,xj->ryx", self.uy, low, self.ux).reshape(R, H * W)
+
+
+def _features(features, phi):
+    """Wrap (R, C, h, w) features for the evolution on phi's (R, 1, H, W) grid."""
+    R, _, H, W = phi.shape
+    if features.dim() != 4 or features.shape[0] != R:
+        raise ValueError(f"features must be (R, C, h, w) with R = {R}, got {tuple(features.shape)}")
+    h, w = features.shape[2:]
+    if (h, w) == (H, W):
+        return _DenseFeatures(features)
+    if h > H or w > W:
+        raise ValueError(f"features {tuple(features.shape)} are finer than phi {tuple(phi.shape)}; "
+                         "give them on phi's grid or a coarser one")
+    return _UpsampledFeatures(features, H, W)
+
+
+def _region_means(feats, h):
     """Closed-form c1, c2 of LevelSet R-CNN eq. 9.
 
     Args:
-        features: (R, C, P) with P = H * W pixels; h: (R, P) soft Heaviside; f_sum: (R, C) sum of features.
+        feats: a feature wrapper; h: (R, P) soft Heaviside of phi.
     Returns:
         c1, c2: (R, C) mean feature inside / outside.
     """
     area_in = h.sum(dim=1, keepdim=True)
     area_out = h.shape[1] - area_in
-    f_in = torch.einsum("rcp,rp->rc", features, h)
+    f_in = feats.weighted_sum(h)
     c1 = f_in / area_in.clamp_min(_MIN_AREA)
-    c2 = (f_sum - f_in) / area_out.clamp_min(_MIN_AREA)
+    c2 = (feats.total - f_in) / area_out.clamp_min(_MIN_AREA)
     return c1, c2
 
 
@@ -96,12 +171,17 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
                                     - lambda1 * |F - c1|^2 + lambda2 * |F - c2|^2)
 
     Gradients and divergence use the Sobel operator. The data term is expanded as
-    ``|F - c|^2 = |F|^2 - 2 F.c + |c|^2`` so a step reads the C-channel feature map twice (once for
-    ``c1, c2``, once for ``F.(lambda1 c1 - lambda2 c2)``) instead of materialising ``F - c``.
+    ``|F - c|^2 = |F|^2 - 2 F.c + |c|^2``: |F|^2 is computed once, and a step reads the feature map
+    twice (for ``c1, c2`` and for ``F.(lambda1 c1 - lambda2 c2)``) instead of materialising ``F - c``.
+
+    ``features`` may be given on a coarser grid than ``phi``: it then stands for its bilinear
+    upsampling to phi's grid (``F.interpolate(..., mode="bilinear", align_corners=False)``) and the
+    evolution is exactly the one on the upsampled map, computed without materialising it.
 
     Args:
         phi: (R, 1, H, W) initial level set phi_0, positive inside.
-        features: (R, C, H, W) feature map F (the image intensities in classic Chan-Vese).
+        features: (R, C, H, W) feature map F (the image intensities in classic Chan-Vese), or
+            (R, C, h, w) with h <= H, w <= W as described above.
         lambda1, lambda2, mu: float or (R,) tensor.
         eps, dt: float, a sequence of `steps` floats, (steps,) or (R, steps) tensor.
         steps: number of unrolled steps N.
@@ -110,15 +190,11 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
         (R, 1, H, W) phi_N in the working dtype (float32, or float64 for float64 inputs).
     """
     _check_phi(phi)
-    if features.dim() != 4 or features.shape[0] != phi.shape[0] or features.shape[2:] != phi.shape[2:]:
-        raise ValueError(f"features must be (R, C, H, W) matching phi {tuple(phi.shape)}, got {tuple(features.shape)}")
     dtype = _working_dtype(phi, features)
     with torch.autocast(device_type=phi.device.type, enabled=False):
         phi = phi.to(dtype)
         R, _, H, W = phi.shape
-        feats = features.to(dtype).reshape(R, -1, H * W)  # (R, C, P)
-        f_sq = (feats * feats).sum(dim=1)  # (R, P): |F|^2, once per RoI
-        f_sum = feats.sum(dim=2)  # (R, C)
+        feats = _features(features.to(dtype), phi)
         l1 = _per_instance(lambda1, R, phi, "lambda1").view(R, 1)
         l2 = _per_instance(lambda2, R, phi, "lambda2").view(R, 1)
         mu_ = _per_instance(mu, R, phi, "mu")
@@ -127,11 +203,11 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
 
         def velocity(p, n):
             e = eps_[:, n].view(R, 1, 1, 1)
-            c1, c2 = _region_means(feats, heaviside(p, e).view(R, H * W), f_sum)
+            c1, c2 = _region_means(feats, heaviside(p, e).view(R, H * W))
             # -l1 |F - c1|^2 + l2 |F - c2|^2, expanded.
             v = l1 * c1 - l2 * c2  # (R, C)
             const = l2 * (c2 * c2).sum(1, keepdim=True) - l1 * (c1 * c1).sum(1, keepdim=True)  # (R, 1)
-            data = (l2 - l1) * f_sq + 2.0 * torch.einsum("rcp,rc->rp", feats, v) + const
+            data = (l2 - l1) * feats.sq_norm + 2.0 * feats.dot(v) + const
             return dirac(p, e) * (mu_ * curvature(p, "sobel") + data.view(R, 1, H, W))
 
         return _unroll(phi, dt_, steps, velocity, return_all)
@@ -144,7 +220,8 @@ def chan_vese_energy(phi, features, *, lambda1, lambda2, mu, eps):
     with Sobel gradients, integrals as sums over the grid.
 
     Args:
-        phi: (R, 1, H, W); features: (R, C, H, W); lambda1, lambda2, mu, eps: float or (R,) tensor.
+        phi: (R, 1, H, W); features: (R, C, H, W) or coarser, as in :func:`chan_vese`;
+        lambda1, lambda2, mu, eps: float or (R,) tensor.
     Returns:
         (R,) energy per instance.
     """
@@ -153,16 +230,17 @@ def chan_vese_energy(phi, features, *, lambda1, lambda2, mu, eps):
     with torch.autocast(device_type=phi.device.type, enabled=False):
         phi = phi.to(dtype)
         R, _, H, W = phi.shape
-        feats = features.to(dtype).reshape(R, -1, H * W)
+        feats = _features(features.to(dtype), phi)
         e = _per_instance(eps, R, phi, "eps")
         h = heaviside(phi, e).view(R, H * W)
-        c1, c2 = _region_means(feats, h, feats.sum(dim=2))
-        d1 = ((feats - c1.unsqueeze(2)) ** 2).sum(1)
-        d2 = ((feats - c2.unsqueeze(2)) ** 2).sum(1)
+        c1, c2 = _region_means(feats, h)
+        # |F - c|^2 = |F|^2 - 2 F.c + |c|^2
+        d1 = feats.sq_norm - 2 * feats.dot(c1) + (c1 * c1).sum(1, keepdim=True)
+        d2 = feats.sq_norm - 2 * feats.dot(c2) + (c2 * c2).sum(1, keepdim=True)
         l1 = _per_instance(lambda1, R, phi, "lambda1").view(R, 1)
         l2 = _per_instance(lambda2, R, phi, "lambda2").view(R, 1)
         region = (l1 * d1 * h + l2 * d2 * (1 - h)).sum(1)
-        length = (dirac(phi, e) * gradient_norm(gradient(phi, "sobel"), 0.0)).flatten(1).sum(1)
+        length = (dirac(phi, e) * norm_xy(*gradient_xy(phi, "sobel"), 0.0)).flatten(1).sum(1)
         return region + _per_instance(mu, R, phi, "mu").view(R) * length
 
 
@@ -216,12 +294,15 @@ def delse_evolve(phi, motion, modulation, *, curvature_weight, dist_reg_weight, 
         dt_ = _per_step(dt, R, steps, phi, "dt")
         eps_ = None if eps is None else _per_step(eps, R, steps, phi, "eps")
 
+        vx, vy = motion[:, 0:1], motion[:, 1:2]
+
         def velocity(p, n):
-            g = gradient(p, "central")  # (R, 2, H, W)
-            norm = gradient_norm(g, GRAD_EPS)  # (R, 1, H, W)
-            advection = -(motion * g).sum(dim=1, keepdim=True)
-            curv = lam * m * norm * divergence(g / norm, "central")
-            dist_reg = mu * divergence(_double_well_ratio(norm) * g, "central")
+            gx, gy = gradient_xy(p, "central")
+            norm = norm_xy(gx, gy, GRAD_EPS)  # (R, 1, H, W), never zero
+            advection = -(vx * gx + vy * gy)
+            curv = lam * m * norm * divergence_xy(gx / norm, gy / norm, "central")
+            ratio = _double_well_ratio(norm)
+            dist_reg = mu * divergence_xy(ratio * gx, ratio * gy, "central")
             if eps_ is None:
                 return advection + curv + dist_reg
             return dirac(p, eps_[:, n].view(R, 1, 1, 1)) * (advection + curv) + dist_reg

@@ -259,3 +259,26 @@ def test_delse_motion_towards_gt_recovers_shifted_boundary(dsb2018_dir, shift):
         assert ious[-1] > ious[0] + 0.1, ious
         assert ious[-1] > 0.8, ious
         assert torch.isfinite(phis[-1]).all()
+
+
+# ---------------------------------------------------------------- coarse features = exact bilinear upsampling
+def test_coarse_features_equal_explicit_bilinear_upsampling():
+    torch.manual_seed(0)
+    R, C = 3, 5
+    phi = torch.randn(R, 1, 40, 36, dtype=torch.float64)
+    for coarse in ((10, 9), (20, 36), (1, 1)):
+        f = torch.randn(R, C, *coarse, dtype=torch.float64)
+        up = torch.nn.functional.interpolate(f, size=(40, 36), mode="bilinear", align_corners=False)
+        kw = dict(lambda1=torch.rand(R, dtype=torch.float64) + 0.5, lambda2=0.8, mu=0.2, eps=0.5, dt=0.1)
+        a = levelset.chan_vese(phi, up, steps=3, **kw)
+        b = levelset.chan_vese(phi, f, steps=3, **kw)
+        assert torch.allclose(a, b, atol=1e-12), coarse
+        ea = levelset.chan_vese_energy(phi, up, lambda1=1.0, lambda2=1.0, mu=0.2, eps=0.5)
+        eb = levelset.chan_vese_energy(phi, f, lambda1=1.0, lambda2=1.0, mu=0.2, eps=0.5)
+        assert torch.allclose(ea, eb, rtol=1e-12)
+    p = torch.randn(2, 1, 8, 10, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    cv = lambda p, f: levelset.chan_vese(p, f, lambda1=1.0, lambda2=0.8, mu=0.3, eps=0.5, dt=0.1, steps=2)
+    assert torch.autograd.gradcheck(cv, (p, f))
+    with pytest.raises(ValueError, match="finer than phi"):
+        levelset.chan_vese(phi, torch.randn(R, C, 80, 36), steps=1, **kw)
