@@ -85,7 +85,8 @@ def test_head_layer_shapes_and_ranges():
     assert out["initial_tsdf"].abs().max() <= 1.0
     assert out["hyperparameters"].shape == (5, 2 * 3 + 3)
     assert ((out["hyperparameters"] > 0) & (out["hyperparameters"] < 2)).all()
-    assert out["chan_vese_features"].shape == (5, 8, 56, 56)
+    # Coarse embedding (2x the 14x14 RoI); the evolution uses its exact bilinear upsampling to S.
+    assert out["chan_vese_features"].shape == (5, 8, 28, 28)
     hp = split_hyperparameters(out["hyperparameters"], 3)
     assert hp["lambda1"].shape == (5,) and hp["eps"].shape == (5, 3) and hp["dt"].shape == (5, 3)
 

@@ -206,22 +206,27 @@ class ChanVeseFeaturesHead(nn.Module):
     1x1 projection to C channels, then one bilinear upsampling to S x S. All learned layers run at
     RoI resolution (14 -> 28); only the final interpolation touches S x S, which keeps the head
     cheap on CPU.
+
+    With ``upsample=False`` the head returns the embedding before that last, linear interpolation:
+    ``levelset.chan_vese`` takes it as is and evolves on its exact bilinear upsampling without ever
+    materialising C x S x S (same result, a fraction of the time and memory).
     """
 
     def __init__(self, in_channels: int, conv_dims: List[int], embed_channels: int,
-                 resolution: int, conv_norm: str = ""):
+                 resolution: int, conv_norm: str = "", upsample: bool = True):
         super().__init__()
         self.convs, channels = _conv_stack(in_channels, conv_dims, conv_norm)
         self.deconv = ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
         self.embedding = Conv2d(channels, embed_channels, kernel_size=1)
         self.resolution = resolution
+        self.upsample = upsample
         weight_init.c2_msra_fill(self.deconv)
         weight_init.c2_msra_fill(self.embedding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, C_in, h, w) -> (R, C, S, S)."""
+        """(R, C_in, h, w) -> (R, C, S, S), or (R, C, 2h, 2w) with ``upsample=False``."""
         x = self.embedding(F.relu(self.deconv(self.convs(x))))
-        if x.shape[-1] != self.resolution:
+        if self.upsample and x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=self.resolution, mode="bilinear", align_corners=False)
         return x
 
@@ -405,7 +410,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             raise ValueError(f"Unknown LEVELSET.HYPERPARAM_MODE {hyperparam_mode!r}")
         self.chan_vese_features = ChanVeseFeaturesHead(
             input_shape.channels, list(features_conv_dims), embed_channels,
-            self.evolution_resolution, kwargs.get("conv_norm", ""),
+            self.evolution_resolution, kwargs.get("conv_norm", ""), upsample=False,
         )
         if inference_tsdf not in ("final", "initial"):
             raise ValueError(f"Unknown LEVELSET.INFERENCE_TSDF {inference_tsdf!r}")
@@ -437,7 +442,8 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         Returns:
             initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1] (upsampled to S after selection),
             hyperparameters: (R, 2N + 3) = lambda1, lambda2, mu, eps_1..N, dt_1..N, all positive,
-            chan_vese_features: (R, C, S, S).
+            chan_vese_features: (R, C, 2h, 2w), standing for its bilinear upsampling to S x S
+                (``levelset.chan_vese`` evolves on that upsampling exactly, without building it).
         """
         return {
             "initial_tsdf": self.initial_tsdf(x),
