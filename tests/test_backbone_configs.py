@@ -131,3 +131,31 @@ def test_tta_multiscale_flip_mask_rcnn():
 
 def test_tta_multiscale_flip_levelset_rcnn():
     run_tta(load_cfg("levelset_rcnn_WRN38_PANet_DCN_cityscapes.yaml"))
+
+
+def test_mapillary_checkpoint_converts_and_loads(tmp_path):
+    """A checkpoint laid out as Mapillary's WRN-38 ImageNet file (``module.`` prefix, ``classifier``,
+    under ``state_dict``) converts and loads into the backbone of a model by name matching."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from levelset_rcnn.backbone import convert_mapillary_checkpoint
+
+    cfg = load_cfg("mask_rcnn_WRN38_PANet_DCN_cityscapes.yaml")
+    torch.manual_seed(1)
+    source = build_model(cfg).backbone.bottom_up.state_dict()
+    new = ("bn_out_", "conv_offset")  # our additions: absent from Mapillary's file
+    state = {"module." + k: v for k, v in source.items() if not any(n in k for n in new)}
+    state["module.classifier.fc.weight"] = torch.randn(1000, 256)
+    torch.save({"state_dict": state, "epoch": 90}, tmp_path / "wrn38.pth.tar")
+    pkl = convert_mapillary_checkpoint(tmp_path / "wrn38.pth.tar", tmp_path / "wrn38.pkl")
+
+    torch.manual_seed(2)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(pkl))
+    loaded = model.backbone.bottom_up.state_dict()
+    for k, v in source.items():
+        if k.startswith("bn_out_") or k.endswith("num_batches_tracked"):
+            continue  # new in our backbone / not saved
+        if "conv_offset" in k:  # not in the file: stays at its zero init
+            assert torch.equal(loaded[k], torch.zeros_like(v))
+            continue
+        assert torch.equal(loaded[k], v), k

@@ -20,7 +20,7 @@ Units are pre-activation residual units (He et al., ECCV 2016): ``x + F(act(norm
 two 3x3 convs (two channel numbers) or a 1x1-3x3-1x1 bottleneck (three); the shortcut is a 1x1
 projection of ``act(norm(x))`` where the stride or width changes. Strides sit in the first 3x3 conv
 of a basic unit and in the first 1x1 conv of a bottleneck (as in Mapillary's code). B1..B7 of the
-paper are mod1..mod7.
+paper are mod1..mod7. The convolutions hold 105.0 M weights (ImageNet classifier excluded).
 
 Where this differs from the paper / Mapillary's model:
 - Detection layout by default: no dilation, output stride 32, so that FPN gets strides 4..32.
