@@ -127,13 +127,21 @@ class Trainer(DefaultTrainer):
             raise NotImplementedError(
                 f"No evaluator for dataset {dataset_name} of type {evaluator_type!r}"
             )
-        if cfg.TEST.BOUNDARY_EVAL and cfg.MODEL.MASK_ON:
+        # Boundary metrics (AF1, AF2, Boundary AP) on exhaustively annotated sets; not on LVIS,
+        # whose federated annotation COCO-style matching would misread.
+        if cfg.TEST.BOUNDARY_EVAL and cfg.MODEL.MASK_ON and evaluator_type != "lvis":
             try:
                 from levelset_rcnn.boundary_evaluation import BoundaryEvaluator
             except ImportError as e:
                 logging.getLogger(__name__).warning(f"Boundary metrics unavailable: {e}")
             else:
-                evaluators.append(BoundaryEvaluator(dataset_name, output_dir=output_folder))
+                evaluators.append(
+                    BoundaryEvaluator(
+                        dataset_name,
+                        output_dir=output_folder,
+                        max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+                    )
+                )
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 

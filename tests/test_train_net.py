@@ -79,3 +79,86 @@ def test_two_process_cpu_training(tmp_path, coco_sample_dir):
     )
     assert "World size: 2" in output
     assert (tmp_path / "model_final.pth").exists()
+
+
+def _train_net_module():
+    sys.path.insert(0, str(REPO))
+    try:
+        import train_net
+    finally:
+        sys.path.remove(str(REPO))
+    return train_net
+
+
+def test_evaluators_follow_dataset_metadata(tmp_path, coco_sample_dir):
+    from detectron2.evaluation import CityscapesInstanceEvaluator, DatasetEvaluators
+
+    from levelset_rcnn.boundary_evaluation import BoundaryEvaluator
+    from levelset_rcnn.evaluation import LevelSetCOCOEvaluator
+
+    Trainer = _train_net_module().Trainer
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(CONFIG))
+    evaluator = Trainer.build_evaluator(cfg, "coco_sample_val2017", str(tmp_path))
+    assert isinstance(evaluator, DatasetEvaluators)
+    kinds = [type(e) for e in evaluator._evaluators]
+    assert kinds == [LevelSetCOCOEvaluator, BoundaryEvaluator]
+    assert evaluator._evaluators[0]._max_dets_per_image[-1] == cfg.TEST.DETECTIONS_PER_IMAGE
+
+    cfg.TEST.BOUNDARY_EVAL = False
+    assert isinstance(Trainer.build_evaluator(cfg, "coco_sample_val2017", str(tmp_path)),
+                      LevelSetCOCOEvaluator)
+    # Builtin Cityscapes (no files needed to build the evaluator).
+    assert isinstance(Trainer.build_evaluator(cfg, "cityscapes_fine_instance_seg_val"),
+                      CityscapesInstanceEvaluator)
+
+
+def test_lvis_ap_star_on_coco_categories(tmp_path, coco_sample_dir):
+    """
+    The LVIS AP* path: a COCO-category model evaluated with lvis-api on an LVIS-format set whose
+    categories carry COCO ids (what lvis_v0.5_val_cocofied is). Here the set is the real COCO sample
+    rewritten in LVIS format, and the "predictions" are its ground truth: AP must be 100.
+    """
+    import torch
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_lvis_instances
+    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
+    from detectron2.evaluation import LVISEvaluator
+    from detectron2.structures import BitMasks, Boxes, BoxMode, Instances, PolygonMasks
+
+    coco = json.loads((coco_sample_dir / "instances_val2017_subset.json").read_text())
+    annotations = [a for a in coco["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list)]
+    used = {a["category_id"] for a in annotations}
+    lvis = {
+        "images": [dict(img, neg_category_ids=[], not_exhaustive_category_ids=[]) for img in coco["images"]],
+        "annotations": [{k: a[k] for k in ("id", "image_id", "category_id", "bbox", "area", "segmentation")}
+                        for a in annotations],
+        "categories": [dict(c, frequency="f", synonyms=[c["name"]], synset=c["name"])
+                       for c in coco["categories"] if c["id"] in used],
+    }
+    json_file = tmp_path / "lvis_cocofied_sample.json"
+    json_file.write_text(json.dumps(lvis))
+    name = f"test_lvis_cocofied_{tmp_path.name}"
+    register_lvis_instances(name, _get_builtin_metadata("coco"), str(json_file),
+                            str(coco_sample_dir / "images"))
+
+    Trainer = _train_net_module().Trainer
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(CONFIG))
+    evaluator = Trainer.build_evaluator(cfg, name, str(tmp_path))
+    assert isinstance(evaluator, LVISEvaluator)  # no boundary metrics on federated LVIS
+    evaluator.reset()
+    for d in DatasetCatalog.get(name):
+        h, w = d["height"], d["width"]
+        anns = d["annotations"]
+        inst = Instances((h, w))
+        inst.pred_boxes = Boxes(torch.tensor(
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
+            dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.ones(len(anns))
+        inst.pred_classes = torch.tensor([a["category_id"] for a in anns], dtype=torch.int64)
+        inst.pred_masks = BitMasks.from_polygon_masks(
+            PolygonMasks([a["segmentation"] for a in anns]), h, w).tensor
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
+    results = evaluator.evaluate()
+    assert abs(results["segm"]["AP"] - 100.0) < 1e-6, results["segm"]
