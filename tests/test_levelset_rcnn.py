@@ -73,7 +73,7 @@ def test_registration_and_config_keys():
     assert (ls.NUM_STEPS, ls.EMBED_CHANNELS, ls.EVOLUTION_RESOLUTION, ls.TSDF_RESOLUTION) == (3, 64, 112, 28)
     assert (ls.LOSS_WEIGHT_PHI0, ls.LOSS_WEIGHT_PHIN, ls.LOSS_EPS) == (0.2, 1.0, 0.1)
     # Every config of the project merges into get_cfg() (no undeclared key anywhere).
-    for path in sorted(CONFIGS.glob("*.yaml")):
+    for path in sorted(CONFIGS.rglob("*.yaml")):
         c = levelset_rcnn.get_cfg()
         c.merge_from_file(str(path))
 

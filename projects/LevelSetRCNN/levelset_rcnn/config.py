@@ -50,14 +50,17 @@ def add_levelset_rcnn_config(cfg):
 
 def get_cfg():
     """
-    Detectron2's default config with every key of this repository: LevelSet R-CNN's and, where
-    the DELSE project is installed, DELSE's. One helper for train_net.py, demo.py and
+    Detectron2's default config with every key of this repository: LevelSet R-CNN's, its
+    backbones' and, where the DELSE project is installed, DELSE's. One helper for train_net.py, demo.py and
     DefaultPredictor users, so that any saved config.yaml merges back.
     """
     from detectron2.config import get_cfg as get_detectron2_cfg
 
+    from .backbone import add_wrn_config
+
     cfg = get_detectron2_cfg()
     add_levelset_rcnn_config(cfg)
+    add_wrn_config(cfg)  # MODEL.WRN: the WideResNet-38 backbone of the Table 1 configs
     try:
         from delse.config import add_delse_config
     except ImportError:
