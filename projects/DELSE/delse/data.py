@@ -287,7 +287,9 @@ class DELSEDatasetMapper:
         if not mask.any():
             raise ValueError(f"instance {record.get('instance_id')} has an empty mask")
         # Training draws fresh points every epoch; evaluation is deterministic per instance.
-        rng = np.random.default_rng(None if self.is_train else _stable_seed(record.get("instance_id")))
+        # (numpy's global state, which Detectron2 seeds per worker, seeds the training draws).
+        seed = np.random.randint(2**31) if self.is_train else _stable_seed(record.get("instance_id"))
+        rng = np.random.default_rng(seed)
         points = extreme_points(mask, self.jitter, rng)
         box = mask_box(mask)
         if self.noise > 0:

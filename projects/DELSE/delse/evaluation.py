@@ -94,6 +94,9 @@ class DELSEEvaluator(DatasetEvaluator):
             res[f"mIoU-{self.class_names.get(c, c)}"] = 100 * float(np.mean(ious))
         logger.info(f"DELSE evaluation on {self.dataset_name} ({len(records)} instances):\n"
                     + "\n".join(f"  {k}: {v:.2f}" for k, v in res.items()))
+        if self.output_dir:
+            with open(os.path.join(self.output_dir, "delse_results.json"), "w") as f:
+                json.dump({"num_instances": len(records), **res}, f, indent=1)
         return OrderedDict({"delse": res})
 
     @staticmethod

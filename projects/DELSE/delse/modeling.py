@@ -11,7 +11,7 @@ import levelset
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
 from detectron2.utils.events import get_event_storage
 
 from .data import paste_to_image, points_heatmap
@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DELSE",
+    "build_delse_encoder",
     "PSPModule",
     "SkipFeatures",
     "MotionEditingBlock",
@@ -31,16 +32,33 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------- modules
+def build_delse_encoder(cfg, in_channels):
+    """Detectron2's ResNet from ``cfg.MODEL.RESNETS`` with an ``in_channels`` stem (4: RGB + the
+    extreme-point heatmap). R-18/34 may also be narrower than 64 (RES2_OUT_CHANNELS), which
+    ``build_resnet_backbone`` refuses; the tiny CPU configs use that."""
+    r = cfg.MODEL.RESNETS
+    if r.DEPTH not in (18, 34) or r.RES2_OUT_CHANNELS == 64:
+        return build_resnet_backbone(cfg, ShapeSpec(channels=in_channels))
+    stem = BasicStem(in_channels, r.STEM_OUT_CHANNELS, norm=r.NORM)
+    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}[r.DEPTH]
+    stages, c_in, c_out = [], r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+    for i, n in enumerate(blocks):
+        stages.append(ResNet.make_stage(BasicBlock, n, stride_per_block=[1 if i == 0 else 2] + [1] * (n - 1),
+                                        in_channels=c_in, out_channels=c_out, norm=r.NORM))
+        c_in, c_out = c_out, c_out * 2
+    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
 class PSPModule(nn.Module):
     """Pyramid pooling (PSPNet) followed by a 3x3 fusion conv and a 1x1 predictor."""
 
     def __init__(self, in_channels, channels, out_channels, bins=(1, 2, 3, 6), norm="BN"):
         super().__init__()
         self.bins = tuple(bins)
+        # No norm on the pooled maps: a 1x1 bin has one value per channel (GN and BN in batch 1
+        # cannot normalise it).
         self.stages = nn.ModuleList(
-            Conv2d(in_channels, channels, 1, bias=not norm, norm=get_norm(norm, channels),
-                   activation=F.relu)
-            for _ in self.bins
+            Conv2d(in_channels, channels, 1, activation=F.relu) for _ in self.bins
         )
         self.fuse = Conv2d(in_channels + channels * len(self.bins), channels, 3, padding=1,
                            bias=not norm, norm=get_norm(norm, channels), activation=F.relu)
@@ -50,8 +68,6 @@ class PSPModule(nn.Module):
         size = x.shape[-2:]
         pyramid = [x]
         for bin_size, stage in zip(self.bins, self.stages):
-            # GroupNorm/BN on a 1x1 map is degenerate in batch 1; bins of 1 are still fine with BN
-            # in training batches > 1 and at test time (running stats).
             y = stage(F.adaptive_avg_pool2d(x, bin_size))
             pyramid.append(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
         return self.predictor(self.fuse(torch.cat(pyramid, dim=1)))
@@ -226,7 +242,7 @@ class DELSE(nn.Module):
     def from_config(cls, cfg):
         d = cfg.MODEL.DELSE
         use_points = d.USE_EXTREME_POINTS
-        encoder = build_resnet_backbone(cfg, ShapeSpec(channels=4 if use_points else 3))
+        encoder = build_delse_encoder(cfg, 4 if use_points else 3)
         shapes = encoder.output_shape()
         skip = SkipFeatures({n: shapes[n] for n in d.ENCODER_FEATURES}, d.SKIP_CHANNELS, d.NORM,
                             d.SKIP_FEATURES)
