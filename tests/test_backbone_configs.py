@@ -22,10 +22,10 @@ TINY = [
     "MODEL.WRN.STRUCTURE", [1, 1, 1, 1, 1, 1],
     "MODEL.WRN.WIDTH_DIVISOR", 16,
     "MODEL.FPN.OUT_CHANNELS", 16,
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 50,
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", 200, "MODEL.RPN.POST_NMS_TOPK_TEST", 50,
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 100, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 16,
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", 100, "MODEL.RPN.POST_NMS_TOPK_TEST", 16,
     "MODEL.RPN.BATCH_SIZE_PER_IMAGE", 64,
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
     "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
     "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
     "MODEL.LEVELSET.EMBED_CHANNELS", 8, "MODEL.LEVELSET.EVOLUTION_RESOLUTION", 56,
@@ -33,6 +33,15 @@ TINY = [
     "MODEL.LEVELSET.HYPERPARAM_FC_DIM", 16, "MODEL.LEVELSET.FEATURES_NUM_CONV", 1,
     "TEST.DETECTIONS_PER_IMAGE", 10,
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only contend with each other (4x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def load_cfg(name, *opts):
