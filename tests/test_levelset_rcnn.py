@@ -242,3 +242,19 @@ def test_mask_rcnn_checkpoint_loads_with_new_heads_reported(tmp_path, caplog):
     for new in ["roi_heads.mask_head.hyperparameter_head", "roi_heads.mask_head.chan_vese_features",
                 "roi_heads.mask_head.initial_tsdf_head"]:
         assert new in log
+
+
+def test_tsdf_targets_from_rle_bitmasks_on_dsb2018(dsb2018_dir):
+    cfg = tiny_cfg("tiny_levelset_rcnn_synthetic.yaml")
+    assert cfg.INPUT.MASK_FORMAT == "bitmask"
+    d = DatasetCatalog.get("dsb2018_dev")[0]
+    assert isinstance(d["annotations"][0]["segmentation"], dict)  # RLE
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=[])
+    inst = mapper(d)["instances"]
+    inst.proposal_boxes = inst.gt_boxes
+    masks, tsdf = tsdf_targets([inst], 112, 10.0)
+    assert len(masks) == len(inst) == len(d["annotations"]) > 0
+    assert torch.equal(masks, inst.gt_masks.crop_and_resize(inst.gt_boxes.tensor, 112))
+    assert ((tsdf > 0) == masks).all()
+    # Nuclei fill their boxes: every RoI has an inside and an outside.
+    assert (masks.flatten(1).any(1) & ~masks.flatten(1).all(1)).float().mean() > 0.9

@@ -162,3 +162,12 @@ def test_lvis_ap_star_on_coco_categories(tmp_path, coco_sample_dir):
         evaluator.process([{"image_id": d["image_id"]}], [{"instances": inst}])
     results = evaluator.evaluate()
     assert abs(results["segm"]["AP"] - 100.0) < 1e-6, results["segm"]
+
+
+def test_delse_meta_architecture_dispatches_to_delse(tmp_path, coco_sample_dir):
+    delse = pytest.importorskip("delse")
+    Trainer = _train_net_module().Trainer
+    cfg = levelset_rcnn.get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "DELSE"
+    evaluator = Trainer.build_evaluator(cfg, "coco_sample_val2017", str(tmp_path))
+    assert isinstance(evaluator, delse.DELSEEvaluator)
