@@ -160,3 +160,30 @@ def test_train_mapper_jitter_and_flip_are_random(cfg, instances):
     test_mapper = DELSEDatasetMapper(cfg, is_train=False)
     a, b = test_mapper(instances[0]), test_mapper(instances[0])
     assert torch.equal(a["extreme_points"], b["extreme_points"])  # deterministic evaluation
+
+
+def test_gt_direction_field_evolves_shifted_level_set_back(cfg, instances):
+    """Sign conventions of the mapper's targets and levelset.delse_evolve agree: evolving the
+    shifted GT level set of eq. 12 in the GT motion field (eq. 5) moves the contour back to the GT,
+    which is what L_T asks the motion branch to learn during pre-training."""
+    import levelset
+
+    from delse import DELSEDatasetMapper
+
+    mapper = DELSEDatasetMapper(cfg, is_train=False)
+    big = [x for x in instances if x["annotation"]["bbox"][2] * x["annotation"]["bbox"][3] > 3000][:4]
+    for inst in big:
+        out = mapper(inst)
+        gt = out["gt_mask"]
+        for shift in (-4.0, 4.0):
+            phi = out["gt_tsdf"][None] + shift
+            evolved = levelset.delse_evolve(
+                phi, out["gt_direction"][None], torch.zeros_like(phi),
+                curvature_weight=1.0, dist_reg_weight=0.04, dt=1.0, steps=5,
+            )
+
+            def iou(p):
+                p = p[0, 0] > 0
+                return float((p & gt).sum() / (p | gt).sum())
+
+            assert iou(evolved) > iou(phi) + 0.03, (inst["instance_id"], shift, iou(phi), iou(evolved))

@@ -45,7 +45,8 @@ def add_delse_config(cfg):
     cfg.MODEL.DELSE.PSP_BINS = [1, 2, 3, 6]
     # Norm of the heads' convs ("BN", "GN", "SyncBN", "" ...); the encoder uses MODEL.RESNETS.NORM.
     cfg.MODEL.DELSE.NORM = "BN"
-    # Evolution terms (ablations, Table 6): both off is the paper's "Level Set Regression".
+    # Evolution terms (ablations, Table 6): without modulation m = 1 (plain curvature); both off
+    # is the paper's "Level Set Regression" (phi_T = phi_0, no evolution).
     cfg.MODEL.DELSE.USE_MOTION = True
     cfg.MODEL.DELSE.USE_MODULATION = True
 

@@ -237,6 +237,13 @@ class DELSE(nn.Module):
         self.num_corrections = int(num_corrections)
         self.test_num_corrections = int(test_num_corrections)
         self.heatmap_sigma = float(heatmap_sigma)
+        # Parts that this configuration never trains get no gradients (and DDP no unused
+        # parameters): the editing block without simulated corrections, and switched-off branches.
+        # An untrained editing block is the identity (its last conv starts at zero).
+        for part, used in [(motion_editing, self.num_corrections > 0), (motion_branch, use_motion),
+                           (modulation_branch, use_modulation)]:
+            if not used:
+                part.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg):
