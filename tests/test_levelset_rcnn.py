@@ -258,3 +258,33 @@ def test_tsdf_targets_from_rle_bitmasks_on_dsb2018(dsb2018_dir):
     assert ((tsdf > 0) == masks).all()
     # Nuclei fill their boxes: every RoI has an inside and an outside.
     assert (masks.flatten(1).any(1) & ~masks.flatten(1).all(1)).float().mean() > 0.9
+
+
+def test_head_handles_no_rois_and_initial_tsdf_inference():
+    head = small_head(num_steps=2).eval()
+    empty = Instances((64, 64), pred_boxes=Boxes(torch.zeros(0, 4)),
+                      pred_classes=torch.zeros(0, dtype=torch.int64))
+    with torch.no_grad():
+        (out,) = head(torch.randn(0, 16, 14, 14), [empty])
+    assert out.pred_masks.shape == (0, 1, 56, 56)
+
+    head.train()
+    from detectron2.structures import BitMasks
+
+    no_fg = Instances((64, 64), proposal_boxes=Boxes(torch.zeros(0, 4)),
+                      gt_classes=torch.zeros(0, dtype=torch.int64),
+                      gt_masks=BitMasks(torch.zeros(0, 64, 64, dtype=torch.bool)))
+    with EventStorage():
+        losses = head(torch.randn(0, 16, 14, 14), [no_fg])
+    assert all(float(v) == 0 for v in losses.values())
+
+    # INFERENCE_TSDF "initial": pred_masks come from the upsampled phi_0 (Tables 2 and 4).
+    torch.manual_seed(0)
+    head = small_head(num_steps=2, inference_tsdf="initial").eval()
+    x = torch.randn(2, 16, 14, 14)
+    pred = Instances((64, 64), pred_boxes=Boxes(torch.tensor([[0.0, 0, 30, 30], [5, 5, 60, 40]])),
+                     pred_classes=torch.tensor([2, 0]))
+    with torch.no_grad():
+        (out,) = head(x, [pred])
+        phi0 = head.upsample(head.initial_tsdf(x)[torch.arange(2), pred.pred_classes][:, None])
+    assert torch.allclose(out.pred_masks, levelset.heaviside(phi0, 0.1))
