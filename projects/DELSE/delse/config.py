@@ -71,7 +71,8 @@ def add_delse_config(cfg):
     cfg.MODEL.DELSE.PHASE = "pretrain"
     # With PHASE "pretrain", switch to "joint" at this iteration of the same run (0: never switch).
     cfg.MODEL.DELSE.PRETRAIN_ITERS = 0
-    # Weights alpha (L_T) and beta (L_direct) of eq. 10.
+    # Weights alpha (L_T) and beta (L_direct) of eq. 10. alpha also scales L_T in joint training
+    # (Algorithm 1 writes L_T alone there), so the L_T gradients keep their size across the switch.
     cfg.MODEL.DELSE.EVOLUTION_LOSS_WEIGHT = 100.0
     cfg.MODEL.DELSE.DIRECTION_LOSS_WEIGHT = 1.0
     # Range of the shift Delta-h (input pixels) of the simulated initial LSF of eq. 12.

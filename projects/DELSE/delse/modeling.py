@@ -93,7 +93,7 @@ class SkipFeatures(nn.Module):
 
     def forward(self, features):
         outs = [self.projections[n](features[n]) for n in self.in_features]
-        size = outs[0].shape[-2:] if len(outs) == 1 else max((o.shape[-2:] for o in outs), key=lambda s: s[0])
+        size = max((o.shape[-2:] for o in outs), key=lambda s: s[0])  # the finest stage
         outs = [o if o.shape[-2:] == size else
                 F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs]
         return torch.cat(outs, dim=1)
@@ -383,14 +383,15 @@ class DELSE(nn.Module):
         return losses
 
     def joint_losses(self, out, gt_mask, images, heatmaps):
-        """L_T on evolve(phi0) (Algorithm 1, joint loop), plus L_T after each simulated drag."""
+        """L_T on evolve(phi0) (Algorithm 1, joint loop), plus L_T after each simulated drag,
+        averaged, times alpha (see MODEL.DELSE.EVOLUTION_LOSS_WEIGHT)."""
         phi_t = self.evolve(out["phi0"], out["motion"], out["modulation"])
         loss = evolution_loss(phi_t, gt_mask, self.heaviside_eps)
         if self.num_corrections > 0:
-            state = [self._new_state(h[0]) for h in heatmaps]
+            state = [self.new_interaction(h[0]) for h in heatmaps]
             for _ in range(self.num_corrections):
                 for s, phi, gt in zip(state, phi_t.detach()[:, 0], gt_mask):
-                    self._add_drag(s, simulate_correction(phi, gt))
+                    self.add_drag(s, simulate_correction(phi, gt))
                 corrected = self.corrected_terms(images, state)
                 phi_t = self.evolve(corrected["phi0"], corrected["motion"], corrected["modulation"])
                 loss = loss + evolution_loss(phi_t, gt_mask, self.heaviside_eps)
@@ -398,11 +399,11 @@ class DELSE(nn.Module):
         return {"loss_evolution": self.evolution_loss_weight * loss}
 
     # ------------------------------------------------------------------ corrections
-    def _new_state(self, heatmap):
+    def new_interaction(self, heatmap):
         """Interaction state of one sample: its extreme-point heatmap and the drags so far."""
         return {"heatmap": heatmap, "drags": []}
 
-    def _add_drag(self, state, drag):
+    def add_drag(self, state, drag):
         """Record a drag: its target joins the extreme-point channel (as DEXTR's extra clicks)."""
         if drag is None:
             return
@@ -434,13 +435,13 @@ class DELSE(nn.Module):
         have_gt = all("gt_mask" in x for x in batched_inputs)
         if self.test_num_corrections > 0 and have_gt:
             gt_mask = self._stack(batched_inputs, "gt_mask")
-            states = [self._new_state(h[0]) for h in heatmaps]
+            states = [self.new_interaction(h[0]) for h in heatmaps]
             for r in results:
                 r["corrections"] = []
             for _ in range(self.test_num_corrections):
                 for s, p, gt in zip(states, phi[:, 0], gt_mask):
                     drag = simulate_correction(p, gt)
-                    self._add_drag(s, drag)
+                    self.add_drag(s, drag)
                     s["last_drag"] = drag
                 terms = self.corrected_terms(images, states)
                 phi = self.evolve(terms["phi0"], terms["motion"], terms["modulation"])

@@ -99,7 +99,7 @@ class DELSEPredictor:
         terms = self.model.layers(images, heatmap[None, None])
         self._state = {
             "images": images, "crop_box": crop_box, "size": (H, W),
-            "interaction": self.model._new_state(heatmap),
+            "interaction": self.model.new_interaction(heatmap),
         }
         return self._finish(terms)
 
@@ -113,7 +113,7 @@ class DELSEPredictor:
         S = self.input_size
         src, dst = points_to_crop(np.array([from_point, to_point], dtype=np.float32), st["crop_box"], S)
         device = self.model.device
-        self.model._add_drag(st["interaction"], (torch.from_numpy(src).to(device),
+        self.model.add_drag(st["interaction"], (torch.from_numpy(src).to(device),
                                                  torch.from_numpy(dst).to(device)))
         terms = self.model.corrected_terms(st["images"], [st["interaction"]])
         return self._finish(terms)
