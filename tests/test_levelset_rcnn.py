@@ -276,7 +276,7 @@ def test_head_handles_no_rois_and_initial_tsdf_inference():
                       gt_masks=BitMasks(torch.zeros(0, 64, 64, dtype=torch.bool)))
     with EventStorage():
         losses = head(torch.randn(0, 16, 14, 14), [no_fg])
-    assert all(float(v) == 0 for v in losses.values())
+    assert all(v.item() == 0 for v in losses.values())
 
     # INFERENCE_TSDF "initial": pred_masks come from the upsampled phi_0 (Tables 2 and 4).
     torch.manual_seed(0)

@@ -40,6 +40,7 @@ def test_eval_only_prints_segm_ap_and_exports_polygons(trained, tmp_path):
     output = run_train_net(
         "--eval-only", "MODEL.WEIGHTS", trained / "model_final.pth", "OUTPUT_DIR", tmp_path,
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "MODEL.LEVELSET.RETURN_POLYGONS", True,
+        "TEST.DETECTIONS_PER_IMAGE", 10,
     )
     match = re.search(r"copypaste: Task: segm\n.*copypaste: AP,AP50,AP75,APs,APm,APl\n"
                       r".*copypaste: ([-\d.na]+),", output)
