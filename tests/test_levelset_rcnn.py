@@ -288,3 +288,17 @@ def test_head_handles_no_rois_and_initial_tsdf_inference():
         (out,) = head(x, [pred])
         phi0 = head.upsample(head.initial_tsdf(x)[torch.arange(2), pred.pred_classes][:, None])
     assert torch.allclose(out.pred_masks, levelset.heaviside(phi0, 0.1))
+
+
+@pytest.mark.parametrize("head,loss", [("TSDFMaskRCNNHead", "loss_tsdf_initial"),
+                                       ("HighResMaskRCNNHead", "loss_mask")])
+def test_ablation_heads_train_in_the_full_model(coco_batch, head, loss):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("tiny_levelset_rcnn_coco_sample.yaml", "MODEL.ROI_MASK_HEAD.NAME", head))
+    model.train()
+    with EventStorage():
+        losses = model(coco_batch)
+    assert loss in losses and torch.isfinite(losses[loss]) and losses[loss] > 0
+    assert "loss_tsdf_final" not in losses
+    losses[loss].backward()
+    assert _grad_norm(model.roi_heads.mask_head) > 0
