@@ -71,7 +71,7 @@ def _register_synthetic(name: str) -> None:
 
 
 def _register_coco_json(name: str, json_file: Path, image_root: Path, **metadata) -> None:
-    """Like ``register_coco_instances``, but resolves paths at load time (env var may change)."""
+    """``register_coco_instances`` with extra metadata; nothing is read until the dataset is used."""
     DatasetCatalog.register(name, lambda: load_coco_json(str(json_file), str(image_root), name))
     MetadataCatalog.get(name).set(
         json_file=str(json_file), image_root=str(image_root), evaluator_type="coco", **metadata
