@@ -302,3 +302,25 @@ def test_ablation_heads_train_in_the_full_model(coco_batch, head, loss):
     assert "loss_tsdf_final" not in losses
     losses[loss].backward()
     assert _grad_norm(model.roi_heads.mask_head) > 0
+
+
+def test_import_touches_no_disk_and_synthetic_data_is_made_on_first_use(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "synthetic"
+    code = (
+        "import levelset_rcnn, pathlib, sys\n"
+        "from detectron2.data import DatasetCatalog\n"
+        "root = pathlib.Path(sys.argv[1])\n"
+        "assert not root.exists(), 'import wrote to disk'\n"
+        "dicts = DatasetCatalog.get('synthetic_shapes_val')\n"
+        "assert len(dicts) == 24 and all(pathlib.Path(d['file_name']).exists() for d in dicts)\n"
+        "assert all(str(root) in d['file_name'] for d in dicts)\n"
+        "assert sum(len(d['annotations']) for d in dicts) > 24\n"
+    )
+    env = dict(__import__("os").environ, LEVELSET_DATA=str(root))
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (root / "val.json").exists()

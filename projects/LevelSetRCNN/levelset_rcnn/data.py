@@ -40,19 +40,21 @@ def synthetic_root() -> Path:
 
 
 def _generate_synthetic(name: str) -> Path:
+    """Write a synthetic split under the root its metadata names, unless it is already there."""
     from levelset.synthetic import generate_coco_dataset
 
     split, num_images, seed = SYNTHETIC_SPLITS[name]
+    root = Path(MetadataCatalog.get(name).json_file).parent
     # Idempotent: returns at once when the json and images with these parameters exist.
     return Path(
-        generate_coco_dataset(synthetic_root(), num_images=num_images,
-                              image_size=SYNTHETIC_IMAGE_SIZE, seed=seed, split=split)
+        generate_coco_dataset(root, num_images=num_images, image_size=SYNTHETIC_IMAGE_SIZE,
+                              seed=seed, split=split)
     )
 
 
 def _register_synthetic(name: str) -> None:
     split = SYNTHETIC_SPLITS[name][0]
-    json_file = synthetic_root() / f"{split}.json"
+    json_file = synthetic_root() / f"{split}.json"  # root fixed at registration (import)
 
     def load():
         path = _generate_synthetic(name)
