@@ -26,13 +26,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "flatten_instances",
+    "mask_area",
     "decode_mask",
     "extreme_points",
     "points_heatmap",
     "crop_box_around",
     "crop_matrix",
     "warp_to_crop",
+    "points_to_crop",
+    "points_to_image",
     "paste_to_image",
+    "mask_box",
+    "points_box",
     "DELSEDatasetMapper",
     "build_delse_train_loader",
     "build_delse_test_loader",

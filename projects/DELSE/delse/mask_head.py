@@ -7,7 +7,6 @@ loss are LevelSet R-CNN's (imported, not copied), so the two heads differ only i
 from typing import Dict, List
 
 import torch
-from torch import nn
 
 import levelset
 from detectron2.config import configurable
