@@ -110,6 +110,7 @@ def train_and_evaluate(args):
     pred_cfg = cfg.clone()
     pred_cfg.defrost()
     pred_cfg.MODEL.WEIGHTS = weights
+    pred_cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence
     predictor = predictor_for(pred_cfg)
     overlays = []
     for d in DatasetCatalog.get(val)[: args.num_overlays]:
@@ -138,7 +139,7 @@ def get_parser():
     parser.add_argument("--input", nargs="+", help="images to run a trained model on")
     parser.add_argument("--config-file", help="config of the trained model (with --input)")
     parser.add_argument("--weights", help="model weights (with --input)")
-    parser.add_argument("--confidence", type=float, default=0.5, help="score threshold (with --input)")
+    parser.add_argument("--confidence", type=float, default=0.3, help="score threshold of the overlays")
     parser.add_argument("--output", default="output/demo", help="where PNGs (and the model) go")
     parser.add_argument("--iters", type=int, default=250,
                         help="training iterations (demo mode; ~0.5-1.3 s each on 2 CPU cores)")
