@@ -62,11 +62,14 @@ def _check_phi(phi):
         raise ValueError(f"phi must have shape (R, 1, H, W), got {tuple(phi.shape)}")
 
 
-def _unroll(phi, dt, steps, velocity, return_all):
-    """Explicit Euler: ``phi_n = phi_{n-1} + dt[:, n-1] * velocity(phi_{n-1}, n-1)``."""
+def _unroll(phi, dt, steps, velocity, return_all, phi_bound=None):
+    """Explicit Euler: ``phi_n = phi_{n-1} + dt[:, n-1] * velocity(phi_{n-1}, n-1)``, optionally
+    clamped to ``[-phi_bound, phi_bound]``."""
     iterates = [phi]
     for n in range(steps):
         phi = phi + dt[:, n].view(-1, 1, 1, 1) * velocity(phi, n)
+        if phi_bound is not None:
+            phi = phi.clamp(-phi_bound, phi_bound)
         iterates.append(phi)
     return iterates if return_all else phi
 
@@ -256,7 +259,7 @@ def _double_well_ratio(s):
 
 
 def delse_evolve(phi, motion, modulation, *, curvature_weight, dist_reg_weight, eps=None, dt, steps,
-                 return_all=False):
+                 return_all=False, phi_bound=None):
     """Unrolled DELSE level-set evolution (DELSE eq. 9) with central differences::
 
         dphi/dt = -<V, grad phi>                                          (motion, eq. 6)
@@ -275,6 +278,9 @@ def delse_evolve(phi, motion, modulation, *, curvature_weight, dist_reg_weight, 
         dt: time step, float, `steps` floats or (R, steps).
         steps: number of unrolled steps T (paper: 5).
         return_all: return ``[phi_0, ..., phi_T]`` instead of phi_T.
+        phi_bound: clamp phi to ``[-phi_bound, phi_bound]`` after every step, e.g. the TSDF's
+            truncation D. Values beyond it carry no information, and the clamp keeps an explicit
+            step that violates the CFL condition (large ``curvature_weight * dt``) from blowing up.
     Returns:
         (R, 1, H, W) phi_T.
     """
@@ -307,4 +313,4 @@ def delse_evolve(phi, motion, modulation, *, curvature_weight, dist_reg_weight, 
                 return advection + curv + dist_reg
             return dirac(p, eps_[:, n].view(R, 1, 1, 1)) * (advection + curv) + dist_reg
 
-        return _unroll(phi, dt_, steps, velocity, return_all)
+        return _unroll(phi, dt_, steps, velocity, return_all, phi_bound)

@@ -1,0 +1,121 @@
+"""The real-data benchmark: Mask R-CNN vs LevelSet R-CNN, from scratch, on DSB2018 nuclei.
+
+Both models share the backbone (R-18-FPN with GroupNorm), schedule, seed, image size and budget
+(configs/LevelSetRCNN/{mask_rcnn,levelset_rcnn}_R_18_FPN_GN_dsb2018.yaml). Each is trained on the
+train split with train_net.py, then evaluated on the dev split: mask AP / AP50 / AP75, AF1, AF2,
+Boundary AP, plus LevelSet R-CNN's initial phi_0 as a third row (like the paper's Table 2).
+
+    .venv/bin/python tools/bench_dsb2018.py                        # ~1 h on 2 CPU cores
+    .venv/bin/python tools/bench_dsb2018.py --iters 20000 --num-gpus 8 --size 512   # a GPU budget
+
+Writes the table to output/bench_dsb2018/results.md and, with --update-benchmarks, into
+BENCHMARKS.md between the markers of its section.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "Mask R-CNN": REPO / "configs/LevelSetRCNN/mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
+    "LevelSet R-CNN": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_18_FPN_GN_dsb2018.yaml",
+}
+BEGIN, END = "<!-- bench_dsb2018:begin -->", "<!-- bench_dsb2018:end -->"
+
+
+def run(cmd, log_path):
+    """Run a command, teeing its output to a log; fail loudly with the log's tail."""
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=REPO)
+        for line in proc.stdout:
+            log.write(line)
+            if "eta:" in line or "copypaste" in line or "Error" in line or "Traceback" in line:
+                print(line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"command failed ({proc.returncode}); see {log_path}")
+
+
+def train_opts(args, out_dir):
+    opts = ["OUTPUT_DIR", out_dir, "SEED", args.seed, "SOLVER.MAX_ITER", args.iters,
+            "SOLVER.STEPS", f"({int(args.iters * 0.8)},)", "SOLVER.CHECKPOINT_PERIOD", args.iters,
+            "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", args.size,
+            "TEST.EVAL_PERIOD", 0]
+    if args.batch:
+        opts += ["SOLVER.IMS_PER_BATCH", args.batch]
+    return [str(o) for o in opts]
+
+
+def evaluate(args, name, out_dir, extra=()):
+    """--eval-only on the dev split; returns {'segm': {...}, 'boundary': {...}}."""
+    res_file = Path(out_dir) / f"eval{'_'.join(extra[1::2]) if extra else ''}.json"
+    cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--eval-only",
+           "--num-gpus", args.num_gpus, *train_opts(args, out_dir),
+           "MODEL.WEIGHTS", Path(out_dir) / "model_final.pth", *extra]
+    run(cmd, Path(out_dir) / f"eval{len(extra)}.log")
+    # Detectron2 logs results as "copypaste: Task: segm" then the metric names and values.
+    text = (Path(out_dir) / f"eval{len(extra)}.log").read_text()
+    results = {}
+    for task, keys, values in re.findall(r"copypaste: Task: (\w+)\n.*copypaste: ([\w,]+)\n.*copypaste: ([\d.,nan-]+)", text):
+        results[task] = dict(zip(keys.split(","), (float(v) for v in values.split(","))))
+    res_file.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=256, help="short side of training/test images")
+    ap.add_argument("--batch", type=int, default=0, help="images per batch (default: the config's 2)")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--output-dir", default=str(REPO / "output/bench_dsb2018"))
+    ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
+    ap.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
+    args = ap.parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    rows, times = [], {}
+    for name in CONFIGS:
+        out_dir = os.path.join(args.output_dir, name.replace(" ", "_").lower())
+        if not args.skip_train:
+            t0 = time.time()
+            run([sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--num-gpus", args.num_gpus,
+                 *train_opts(args, out_dir)], Path(args.output_dir) / f"{name.replace(' ', '_')}.train.log")
+            times[name] = time.time() - t0
+        rows.append((name, evaluate(args, name, out_dir)))
+        if name == "LevelSet R-CNN":
+            rows.append(("LevelSet R-CNN, initial φ0", evaluate(args, name, out_dir, ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))))
+
+    lines = ["| model | mask AP | AP50 | AP75 | AF1 | AF2 | Boundary AP | box AP |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows:
+        s, b, bb = r.get("segm", {}), r.get("boundary", {}), r.get("bbox", {})
+        f = lambda d, k: f"{d[k]:.1f}" if k in d else "–"
+        lines.append(f"| {name} | {f(s, 'AP')} | {f(s, 'AP50')} | {f(s, 'AP75')} | {f(b, 'AF1')} | {f(b, 'AF2')} "
+                     f"| {f(b, 'BoundaryAP')} | {f(bb, 'AP')} |")
+    cmd = "tools/bench_dsb2018.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
+    train_times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+    table = "\n".join([f"Command: `.venv/bin/python {cmd.strip()}`  ",
+                       f"Budget: {args.iters} iterations, batch {args.batch or 2}, short side {args.size} px, "
+                       f"seed {args.seed}. Training wall time: {train_times or 'n/a (--skip-train)'}.", "", *lines])
+    (Path(args.output_dir) / "results.md").write_text(table + "\n")
+    print(table)
+    if args.update_benchmarks:
+        path = REPO / "BENCHMARKS.md"
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + text[text.index(END):]
+            path.write_text(text)
+            print(f"updated {path}")
+        else:
+            print(f"markers {BEGIN} / {END} not found in {path}; table left in {args.output_dir}/results.md")
+
+
+if __name__ == "__main__":
+    main()
