@@ -282,3 +282,32 @@ def test_train_net_eval_only_reports_metrics(trained, tmp_path):
         assert all(a <= b + 1e-9 for a, b in zip(r["f_curve"], r["f_curve"][1:]))  # F grows with tolerance
     # The image the model was overfitted on is segmented well.
     assert max(r["iou"] for r in records) > 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides,keys",
+    [
+        # Table 6's "Level Set Regression": no evolution, phi0 alone.
+        ({"MODEL.DELSE.USE_MOTION": False, "MODEL.DELSE.USE_MODULATION": False}, {"loss_level_set"}),
+        # "+ Motion Term" (curvature unmodulated) with DRLSE-style localised updates.
+        ({"MODEL.DELSE.USE_MODULATION": False, "MODEL.DELSE.EVOLUTION_EPS": 1.5},
+         {"loss_level_set", "loss_evolution", "loss_direction"}),
+    ],
+)
+def test_ablations_train_and_infer(sample_image, overrides, keys):
+    from delse import DELSEDatasetMapper
+
+    cfg = _cfg(**{"MODEL.DELSE.PRETRAIN_ITERS": 0, **overrides})
+    model = _build(cfg)
+    batch = [DELSEDatasetMapper(cfg, True)(x) for x in sample_image[:2]]
+    history, losses = _overfit(model, batch, 4)
+    assert set(losses) == keys and np.isfinite(history).all()
+    frozen = {n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad}
+    assert "modulation_branch" in frozen and ("motion_branch" in frozen) == (not cfg.MODEL.DELSE.USE_MOTION)
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([DELSEDatasetMapper(cfg, False)(sample_image[0])])
+    if not cfg.MODEL.DELSE.USE_MOTION:
+        assert torch.equal(out["phi"], out["phi0"])
+    else:
+        assert not torch.equal(out["phi"], out["phi0"])
