@@ -74,7 +74,8 @@ def test_delse_mask_head_trains(loss, hp_head, keys):
 
     from delse.mask_head import DELSEMaskHead
 
-    cfg = _cfg(**{"MODEL.DELSE.ROI_LOSS": loss, "MODEL.DELSE.ROI_HYPERPARAMETER_HEAD": hp_head})
+    cfg = _cfg(**{"MODEL.DELSE.ROI_LOSS": loss, "MODEL.DELSE.ROI_HYPERPARAMETER_HEAD": hp_head,
+                  "MODEL.DELSE.CLAMP_TO_TRUNCATION": hp_head})
     head = _head(cfg)
     assert isinstance(head, DELSEMaskHead) and (head.hyperparameter_head is not None) == hp_head
     torch.manual_seed(1)

@@ -289,8 +289,9 @@ def test_train_net_eval_only_reports_metrics(trained, tmp_path):
     [
         # Table 6's "Level Set Regression": no evolution, phi0 alone.
         ({"MODEL.DELSE.USE_MOTION": False, "MODEL.DELSE.USE_MODULATION": False}, {"loss_level_set"}),
-        # "+ Motion Term" (curvature unmodulated) with DRLSE-style localised updates.
-        ({"MODEL.DELSE.USE_MODULATION": False, "MODEL.DELSE.EVOLUTION_EPS": 1.5},
+        # "+ Motion Term" (curvature unmodulated) with DRLSE-style localised, clamped updates.
+        ({"MODEL.DELSE.USE_MODULATION": False, "MODEL.DELSE.EVOLUTION_EPS": 1.5,
+          "MODEL.DELSE.CLAMP_TO_TRUNCATION": True},
          {"loss_level_set", "loss_evolution", "loss_direction"}),
     ],
 )
@@ -311,3 +312,5 @@ def test_ablations_train_and_infer(sample_image, overrides, keys):
         assert torch.equal(out["phi"], out["phi0"])
     else:
         assert not torch.equal(out["phi"], out["phi0"])
+    if cfg.MODEL.DELSE.CLAMP_TO_TRUNCATION:
+        assert out["phi"].abs().max() <= cfg.MODEL.DELSE.TSDF_TRUNCATION

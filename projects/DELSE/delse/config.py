@@ -63,6 +63,9 @@ def add_delse_config(cfg):
     # eps of the Dirac that localises motion and curvature to the zero level (DRLSE style);
     # None is the paper's eq. 9 as written (no localisation).
     cfg.MODEL.DELSE.EVOLUTION_EPS = None
+    # Clamp phi to [-D, D] after every step (not in the paper): values beyond the truncation carry
+    # no information, and the clamp keeps an explicit step that violates the CFL condition finite.
+    cfg.MODEL.DELSE.CLAMP_TO_TRUNCATION = False
     # epsilon of the approximated Heaviside of eq. 14.
     cfg.MODEL.DELSE.HEAVISIDE_EPS = 1.0
 

@@ -51,6 +51,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         curvature_weight: float = 1.0,
         dist_reg_weight: float = 0.04,
         evolution_eps=None,
+        clamp_to_truncation: bool = False,
         loss: str = "delse",
         loss_weight_phin: float = 1.0,
         evolution_loss_weight: float = 100.0,
@@ -64,7 +65,8 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
                 1x1 projection, upsampling to S: LevelSet R-CNN's dense-map head).
             hyperparameter_head: predict lambda, mu, dt_1..T per RoI as ``2 sigmoid(.)`` times
                 the constants below (so they start at the constants).
-            steps, dt, curvature_weight, dist_reg_weight, evolution_eps: of ``delse_evolve``.
+            steps, dt, curvature_weight, dist_reg_weight, evolution_eps: of ``delse_evolve``;
+            clamp_to_truncation: clamp phi to the TSDF range after every step (``phi_bound``).
             loss: "delse" (DELSE's eq. 10 losses, weights 1 / alpha / beta) or "levelset_rcnn"
                 (l_TSDF on phi_0 and phi_T, weights loss_weight_phi0 / loss_weight_phin, + beta
                 L_direct), the two settings of LevelSet R-CNN's Table 3.
@@ -87,6 +89,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         self.curvature_weight = curvature_weight
         self.dist_reg_weight = dist_reg_weight
         self.evolution_eps = evolution_eps
+        self.clamp_to_truncation = clamp_to_truncation
         if loss not in ("delse", "levelset_rcnn"):
             raise ValueError(f"MODEL.DELSE.ROI_LOSS must be 'delse' or 'levelset_rcnn', got {loss!r}")
         self.loss = loss
@@ -110,6 +113,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
             curvature_weight=d.CURVATURE_WEIGHT,
             dist_reg_weight=d.DIST_REG_WEIGHT,
             evolution_eps=d.EVOLUTION_EPS,
+            clamp_to_truncation=d.CLAMP_TO_TRUNCATION,
             loss=d.ROI_LOSS,
             loss_weight_phin=ls.LOSS_WEIGHT_PHIN,
             evolution_loss_weight=d.EVOLUTION_LOSS_WEIGHT,
@@ -144,6 +148,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         phi = levelset.delse_evolve(
             phi0 * self.truncation, outputs["motion_field"], outputs["modulation"],
             curvature_weight=lam, dist_reg_weight=mu, eps=self.evolution_eps, dt=dt, steps=self.steps,
+            phi_bound=self.truncation if self.clamp_to_truncation else None,
         )
         return phi / self.truncation
 

@@ -198,6 +198,7 @@ class DELSE(nn.Module):
         curvature_weight=1.0,
         dist_reg_weight=0.04,
         evolution_eps=None,
+        clamp_to_truncation=False,
         heaviside_eps=1.0,
         phase="pretrain",
         pretrain_iters=0,
@@ -226,6 +227,7 @@ class DELSE(nn.Module):
         self.curvature_weight = curvature_weight
         self.dist_reg_weight = dist_reg_weight
         self.evolution_eps = evolution_eps
+        self.clamp_to_truncation = bool(clamp_to_truncation)
         self.heaviside_eps = float(heaviside_eps)
         if phase not in ("pretrain", "joint"):
             raise ValueError(f"MODEL.DELSE.PHASE must be 'pretrain' or 'joint', got {phase!r}")
@@ -275,6 +277,7 @@ class DELSE(nn.Module):
             "curvature_weight": d.CURVATURE_WEIGHT,
             "dist_reg_weight": d.DIST_REG_WEIGHT,
             "evolution_eps": d.EVOLUTION_EPS,
+            "clamp_to_truncation": d.CLAMP_TO_TRUNCATION,
             "heaviside_eps": d.HEAVISIDE_EPS,
             "phase": d.PHASE,
             "pretrain_iters": d.PRETRAIN_ITERS,
@@ -339,6 +342,7 @@ class DELSE(nn.Module):
             phi0, motion, modulation,
             curvature_weight=self.curvature_weight, dist_reg_weight=self.dist_reg_weight,
             eps=self.evolution_eps, dt=self.evolution_dt, steps=self.evolution_steps,
+            phi_bound=self.tsdf_truncation if self.clamp_to_truncation else None,
         )
 
     # ------------------------------------------------------------------ forward
