@@ -420,5 +420,20 @@ def boundary_ap(coco_gt: Union[COCO, Dict, str], results: CocoResults, *,
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
-    return {k: (float(v) if v >= 0 else float("nan")) for k, v in zip(keys, evaluator.stats[:6])}
+    # Not COCOeval.summarize(): it hard-codes maxDets=100 for the headline AP, which is then -1
+    # whenever max_dets != 100. precision is (iouThrs, recThrs, classes, areaRngs, maxDets).
+    precision = evaluator.eval["precision"][..., -1]
+    iou_thrs = list(np.round(evaluator.params.iouThrs, 2))
+
+    def mean_valid(p):
+        p = p[p > -1]
+        return float(p.mean()) if p.size else float("nan")
+
+    return {
+        "AP": mean_valid(precision[..., 0]),
+        "AP50": mean_valid(precision[iou_thrs.index(0.5), ..., 0]),
+        "AP75": mean_valid(precision[iou_thrs.index(0.75), ..., 0]),
+        "APs": mean_valid(precision[..., 1]),
+        "APm": mean_valid(precision[..., 2]),
+        "APl": mean_valid(precision[..., 3]),
+    }

@@ -251,3 +251,20 @@ def test_boundary_ap(coco_sample):
         ev.evaluate(), ev.accumulate(), ev.summarize()
     assert 0 < ap["AP"] < ev.stats[0]  # min(mask IoU, boundary IoU) <= mask IoU
     assert ap["AP50"] >= ap["AP75"]
+
+
+def test_boundary_ap_with_more_than_100_detections_per_image(coco_sample_dir):
+    """COCOeval.summarize() hard-codes maxDets=100 for AP; nuclei images need more (regression)."""
+    from pycocotools.coco import COCO
+    from pycocotools import mask as mask_util
+
+    gt = COCO(str(coco_sample_dir / "instances_val2017_subset.json"))
+    results = []
+    for ann in gt.loadAnns(gt.getAnnIds(iscrowd=False)):
+        rle = mask_util.encode(np.asfortranarray(gt.annToMask(ann)))
+        rle["counts"] = rle["counts"].decode()
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 1.0,
+                        "segmentation": rle})
+    for max_dets in (100, 400):
+        ap = boundary_ap(gt, results, max_dets=max_dets)
+        assert ap["AP"] == pytest.approx(1.0) and ap["AP50"] == pytest.approx(1.0), (max_dets, ap)

@@ -1,0 +1,189 @@
+"""Speed and memory of LevelSet R-CNN against Mask R-CNN: same inputs, same detections, one run.
+
+    .venv/bin/python tools/bench_speed.py [--depth 50] [--dets 50] [--images 4] [--device cpu]
+
+Both models are R-<depth>-FPN built from the COCO configs. LevelSet R-CNN gets Mask R-CNN's
+backbone, RPN and box head weights, and both keep exactly ``--dets`` detections per image (score
+threshold 0), so the mask branches see the same boxes. Each model is measured in its own
+subprocess so that peak memory (CPU max RSS; CUDA max allocated) is its own.
+
+Reports per model: inference latency per image, mask-branch time per RoI, training step time
+(batch of 2 real COCO images, forward + backward + SGD step), the share of the step spent building
+TSDF targets, and peak memory; then the ratios LevelSet R-CNN / Mask R-CNN.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "mask_rcnn": REPO / "configs/LevelSetRCNN/mask_rcnn_R_50_FPN_1x_coco.yaml",
+    "levelset_rcnn": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_1x_coco.yaml",
+}
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name, args):
+    """Runs in a subprocess: build one model, time it, print a json line."""
+    import torch
+
+    import levelset_rcnn
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.modeling import build_model
+    from levelset_rcnn import mask_head as lsmh
+
+    torch.manual_seed(0)
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(CONFIGS[name]))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", str(args.depth),
+                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", str(args.dets),
+                         "MODEL.ROI_HEADS.NMS_THRESH_TEST", "1.0", "MODEL.DEVICE", args.device,
+                         "INPUT.MIN_SIZE_TEST", str(args.size), "INPUT.MIN_SIZE_TRAIN", f"({args.size},)"])
+    if args.depth < 50:
+        cfg.merge_from_list(["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    model = build_model(cfg)
+    # Same weights for the shared parts: the backbone, RPN and box head of a seeded Mask R-CNN.
+    shared = torch.load(args.shared_weights, map_location=args.device, weights_only=True)
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    assert not unexpected or name == "levelset_rcnn", unexpected
+
+    dataset = DatasetCatalog.get("coco_sample_val2017")[: args.images]
+    test_mapper, train_mapper = DatasetMapper(cfg, is_train=False), DatasetMapper(cfg, is_train=True)
+    test_inputs = [test_mapper(dict(d)) for d in dataset]
+
+    mask_time = [0.0, 0]
+
+    def pre(module, inp):
+        _sync(args.device)
+        module._t0 = time.perf_counter()
+
+    def post(module, inp, out):
+        _sync(args.device)
+        mask_time[0] += time.perf_counter() - module._t0
+        mask_time[1] += inp[0].shape[0]
+
+    model.roi_heads.mask_head.register_forward_pre_hook(pre)
+    model.roi_heads.mask_head.register_forward_hook(post)
+
+    model.eval()
+    with torch.no_grad():
+        model([test_inputs[0]])  # warm-up
+        mask_time[:] = [0.0, 0]
+        times = []
+        for x in test_inputs:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            out = model([x])
+            _sync(args.device)
+            times.append(time.perf_counter() - t0)
+            assert len(out[0]["instances"]) == args.dets, len(out[0]["instances"])
+    infer_ms = 1000 * float(np.median(times))
+    per_roi_ms = 1000 * mask_time[0] / max(mask_time[1], 1)
+
+    # Training step; time spent building TSDF targets is accumulated by wrapping the function.
+    target_time = [0.0]
+    real_targets = lsmh.tsdf_targets
+
+    def timed_targets(*a, **k):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        r = real_targets(*a, **k)
+        _sync(args.device)
+        target_time[0] += time.perf_counter() - t0
+        return r
+
+    lsmh.tsdf_targets = timed_targets
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    batches = [[train_mapper(dict(d)) for d in dataset[i: i + 2]] for i in range(0, len(dataset) - 1, 2)]
+    steps = []
+    for i in range(args.train_steps + 1):
+        batch = batches[i % len(batches)]
+        _sync(args.device)
+        t0 = time.perf_counter()
+        losses = model(batch)
+        sum(losses.values()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(args.device)
+        if i == 0:
+            target_time[0] = 0.0  # warm-up step
+            continue
+        steps.append(time.perf_counter() - t0)
+    step_ms = 1000 * float(np.median(steps))
+    target_share = target_time[0] / sum(steps)
+    if args.device == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(dict(infer_ms=infer_ms, per_roi_ms=per_roi_ms, step_ms=step_ms,
+                                      target_share=target_share, peak_mb=peak_mb)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=50)
+    ap.add_argument("--dets", type=int, default=50, help="detections per image (both models)")
+    ap.add_argument("--images", type=int, default=4, help="real COCO sample images to time")
+    ap.add_argument("--size", type=int, default=800, help="short side of the input images")
+    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    ap.add_argument("--measure", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--shared-weights", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        return measure(args.measure, args)
+
+    import torch
+
+    import levelset_rcnn
+    from detectron2.modeling import build_model
+
+    # The shared weights: a seeded Mask R-CNN's backbone, RPN and box head.
+    torch.manual_seed(0)
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(CONFIGS["mask_rcnn"]))
+    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", str(args.depth), "MODEL.DEVICE", "cpu"]
+                        + (["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"] if args.depth < 50 else []))
+    state = {k: v for k, v in build_model(cfg).state_dict().items() if not k.startswith("roi_heads.mask_head")}
+    weights = Path("/tmp") / f"bench_speed_shared_R{args.depth}.pth"
+    torch.save(state, weights)
+
+    results = {}
+    for name in CONFIGS:
+        cmd = [sys.executable, __file__, "--measure", name, "--shared-weights", str(weights)]
+        for k in ("depth", "dets", "images", "size", "train_steps", "device"):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            sys.exit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        results[name] = json.loads(line[0][len("RESULT "):])
+    m, l = results["mask_rcnn"], results["levelset_rcnn"]
+    mem = "CUDA max allocated" if args.device == "cuda" else "CPU max RSS"
+    print(f"\nR-{args.depth}-FPN, {args.images} COCO val2017 images (short side {args.size}), {args.dets} detections "
+          f"per image, device {args.device}, torch threads {torch.get_num_threads()}\n")
+    print("| | Mask R-CNN | LevelSet R-CNN | ratio |\n|---|---|---|---|")
+    for key, label, fmt in [("infer_ms", "inference per image (ms)", "{:.0f}"),
+                            ("per_roi_ms", "mask branch per RoI (ms)", "{:.2f}"),
+                            ("step_ms", "training step, batch 2 (ms)", "{:.0f}"),
+                            ("peak_mb", f"peak memory, {mem} (MiB)", "{:.0f}")]:
+        print(f"| {label} | {fmt.format(m[key])} | {fmt.format(l[key])} | {l[key] / m[key]:.2f}x |")
+    print(f"| TSDF targets, share of the training step | – | {100 * l['target_share']:.1f}% | |")
+
+
+if __name__ == "__main__":
+    main()
