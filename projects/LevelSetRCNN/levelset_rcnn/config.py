@@ -26,12 +26,14 @@ def add_levelset_rcnn_config(cfg):
     cfg.MODEL.LEVELSET.LOSS_EPS = 0.1
     # "adaptive": per-RoI hyperparameter head; "global": one learned vector for the dataset (ablation).
     cfg.MODEL.LEVELSET.HYPERPARAM_MODE = "adaptive"
-    # Convs (ROI_MASK_HEAD.CONV_DIM wide) before the average pool of the hyperparameter head.
+    # Convs (ROI_MASK_HEAD.CONV_DIM wide, the first with stride 2) before the hyperparameter
+    # head's average pool.
     cfg.MODEL.LEVELSET.HYPERPARAM_NUM_CONV = 2
     # Width of the first of the two FC layers of the hyperparameter head.
     cfg.MODEL.LEVELSET.HYPERPARAM_FC_DIM = 256
-    # Convs (ROI_MASK_HEAD.CONV_DIM wide) of the Chan-Vese features head before its upsampling.
-    cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 2
+    # Convs (ROI_MASK_HEAD.CONV_DIM wide) of the Chan-Vese features head before its upsampling
+    # (the paper leaves the depth to its supplement; one keeps the branch ~1.5x Mask R-CNN's cost).
+    cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 1
     # Stop the phi_N loss gradient at phi_0 (Table 4 ablation "Detach phi_0").
     cfg.MODEL.LEVELSET.DETACH_PHI0 = False
     # One class-agnostic phi_0 instead of one per class (like ROI_MASK_HEAD.CLS_AGNOSTIC_MASK).

@@ -205,8 +205,8 @@ class GlobalHyperparameters(nn.Module):
 
 class ChanVeseFeaturesHead(nn.Module):
     """
-    Chan-Vese feature embedding F(r_m) (section 4.1): convs on the RoI features, a 2x deconv, a
-    1x1 projection to C channels, then one bilinear upsampling to S x S. All learned layers run at
+    Chan-Vese feature embedding F(r_m) (section 4.1): convs on the RoI features, a 2x deconv to C
+    channels, a 1x1 conv (so that F can take any sign), then one bilinear upsampling to S x S. All learned layers run at
     RoI resolution (14 -> 28); only the final interpolation touches S x S, which keeps the head
     cheap on CPU.
 
@@ -219,8 +219,9 @@ class ChanVeseFeaturesHead(nn.Module):
                  resolution: int, conv_norm: str = "", upsample: bool = True):
         super().__init__()
         self.convs, channels = _conv_stack(in_channels, conv_dims, conv_norm)
-        self.deconv = ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
-        self.embedding = Conv2d(channels, embed_channels, kernel_size=1)
+        # The deconv already narrows to C channels: 4x cheaper than a C_in-wide one at C = 64.
+        self.deconv = ConvTranspose2d(channels, embed_channels, kernel_size=2, stride=2)
+        self.embedding = Conv2d(embed_channels, embed_channels, kernel_size=1)
         self.resolution = resolution
         self.upsample = upsample
         weight_init.c2_msra_fill(self.deconv)
@@ -382,7 +383,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         hyperparam_mode: str = "adaptive",
         hyperparam_conv_dims: List[int] = (256, 256),
         hyperparam_fc_dim: int = 256,
-        features_conv_dims: List[int] = (256, 256),
+        features_conv_dims: List[int] = (256,),
         loss_weight_phin: float = 1.0,
         detach_phi0: bool = False,
         inference_tsdf: str = "final",
