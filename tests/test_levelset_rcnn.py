@@ -276,7 +276,10 @@ def test_head_handles_no_rois_and_initial_tsdf_inference():
                       gt_masks=BitMasks(torch.zeros(0, 64, 64, dtype=torch.bool)))
     with EventStorage():
         losses = head(torch.randn(0, 16, 14, 14), [no_fg])
+    assert set(losses) == {"loss_tsdf_initial", "loss_tsdf_final"}
     assert all(v.item() == 0 for v in losses.values())
+    sum(losses.values()).backward()  # every parameter gets a (zero) gradient, as DDP requires
+    assert all(p.grad is not None for p in head.parameters())
 
     # INFERENCE_TSDF "initial": pred_masks come from the upsampled phi_0 (Tables 2 and 4).
     torch.manual_seed(0)

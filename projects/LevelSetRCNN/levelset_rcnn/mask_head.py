@@ -341,18 +341,27 @@ class TSDFMaskRCNNHead(nn.Module):
         phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
         phi_n = self.evolve(phi0, outputs)
         if self.training:
-            return self.losses(phi0, phi_n, instances)
+            return self.losses(outputs, phi0, phi_n, instances)
         levelset_inference(phi_n, instances, self.loss_eps, self.return_tsdf)
         return instances
 
-    def losses(self, phi0, phi_n, instances) -> Dict[str, torch.Tensor]:
+    def loss_terms(self, phi0: torch.Tensor, phi_n: torch.Tensor) -> Dict[str, Tuple]:
+        """Loss name -> (TSDF it supervises, weight)."""
+        return {"loss_tsdf_initial": (phi0, self.loss_weight_phi0)}
+
+    def losses(self, outputs, phi0, phi_n, instances) -> Dict[str, torch.Tensor]:
+        """Weighted l_TSDF of each supervised TSDF against the targets of the positive RoIs."""
+        terms = self.loss_terms(phi0, phi_n)
         gt_masks, gt_tsdf = tsdf_targets(instances, phi0.shape[-1], self.truncation)
         if gt_masks.shape[0] == 0:
-            return {"loss_tsdf_initial": phi0.sum() * 0}
+            # No foreground RoI: a zero that still touches every head (DDP expects gradients).
+            zero = sum(v.sum() for v in outputs.values()) * 0.0
+            return {name: zero for name in terms}
+        gt_masks, gt_tsdf = gt_masks.to(phi0.device), gt_tsdf.to(phi0.device)
         self._log_accuracy(phi_n, gt_masks)
         return {
-            "loss_tsdf_initial": self.loss_weight_phi0
-            * tsdf_loss(phi0, gt_tsdf.to(phi0.device), gt_masks.to(phi0.device), self.loss_eps)
+            name: weight * tsdf_loss(phi, gt_tsdf, gt_masks, self.loss_eps)
+            for name, (phi, weight) in terms.items()
         }
 
     def _log_accuracy(self, phi: torch.Tensor, gt_masks: torch.Tensor) -> None:
@@ -468,19 +477,10 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             **split_hyperparameters(outputs["hyperparameters"], self.num_steps),
         )
 
-    def losses(self, phi0, phi_n, instances) -> Dict[str, torch.Tensor]:
-        gt_masks, gt_tsdf = tsdf_targets(instances, phi0.shape[-1], self.truncation)
-        if gt_masks.shape[0] == 0:
-            zero = phi0.sum() * 0 + phi_n.sum() * 0
-            return {"loss_tsdf_initial": zero, "loss_tsdf_final": zero}
-        gt_masks, gt_tsdf = gt_masks.to(phi0.device), gt_tsdf.to(phi0.device)
-        self._log_accuracy(phi_n, gt_masks)
-        return {
-            "loss_tsdf_initial": self.loss_weight_phi0
-            * tsdf_loss(phi0, gt_tsdf, gt_masks, self.loss_eps),
-            "loss_tsdf_final": self.loss_weight_phin
-            * tsdf_loss(phi_n, gt_tsdf, gt_masks, self.loss_eps),
-        }
+    def loss_terms(self, phi0: torch.Tensor, phi_n: torch.Tensor) -> Dict[str, Tuple]:
+        terms = super().loss_terms(phi0, phi_n)
+        terms["loss_tsdf_final"] = (phi_n, self.loss_weight_phin)
+        return terms
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
