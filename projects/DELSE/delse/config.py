@@ -19,7 +19,8 @@ def add_delse_config(cfg):
     cfg.INPUT.DELSE.CROP_MODE = "stretch"
     # Extreme points may be moved up to this many pixels inwards (DEXTR's `pert`; 0 at test time).
     cfg.INPUT.DELSE.EXTREME_POINT_JITTER = 5
-    # Uniform noise added to each click in image pixels, as a fraction of the box side (Table 7).
+    # Test time only (Table 7's "lazy annotator"): each click moves by U[-n, n] x the box side
+    # (x by its width, y by its height); the crop then follows the noisy clicks' box.
     cfg.INPUT.DELSE.EXTREME_POINT_NOISE = 0.0
     # Std (input pixels) of the Gaussian placed at each extreme point in the 4th input channel.
     cfg.INPUT.DELSE.HEATMAP_SIGMA = 10.0
@@ -49,6 +50,9 @@ def add_delse_config(cfg):
     # is the paper's "Level Set Regression" (phi_T = phi_0, no evolution).
     cfg.MODEL.DELSE.USE_MOTION = True
     cfg.MODEL.DELSE.USE_MODULATION = True
+    # DEXTR-style pixel-wise baseline on the same encoder: the Level Set Branch predicts mask
+    # logits (class-balanced BCE, no level set, no evolution); USE_MOTION/MODULATION are ignored.
+    cfg.MODEL.DELSE.PIXEL_WISE = False
 
     # ---------------------------------------------------------------- level set (eq. 9)
     # TSDF truncation D in pixels of the network input (section 4.1).
@@ -105,4 +109,11 @@ def add_delse_config(cfg):
     cfg.TEST.DELSE = CN()
     # Pixel tolerances of the boundary F-measure curve (DAVIS multi-scale evaluation, Fig. 5).
     cfg.TEST.DELSE.BOUNDARY_TOLERANCES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    # Also report the mIoU at the mask threshold that maximises it on the evaluated set (the
+    # paper's protocol for DEXTR and DELSE, after DEXTR; optimistic: tuned on the test data).
+    cfg.TEST.DELSE.THRESHOLD_SEARCH = False
+    # Thresholds searched on phi_T (crop pixels; the default mask is phi_T > 0) ...
+    cfg.TEST.DELSE.PHI_THRESHOLDS = [x / 2.0 for x in range(-12, 13)]
+    # ... and on the pixel-wise baseline's probability (default mask: p > 0.5).
+    cfg.TEST.DELSE.PROB_THRESHOLDS = [x / 20.0 for x in range(1, 20)]
     return cfg

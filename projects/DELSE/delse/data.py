@@ -29,6 +29,7 @@ __all__ = [
     "mask_area",
     "decode_mask",
     "extreme_points",
+    "perturb_clicks",
     "points_heatmap",
     "crop_box_around",
     "crop_matrix",
@@ -36,6 +37,7 @@ __all__ = [
     "points_to_crop",
     "points_to_image",
     "paste_to_image",
+    "paste_scores",
     "mask_box",
     "points_box",
     "DELSEDatasetMapper",
@@ -135,6 +137,23 @@ def extreme_points(mask, jitter=0, rng=None):
     return np.asarray(points, dtype=np.float32)
 
 
+def perturb_clicks(points, box, noise, rng, image_size=None):
+    """A lazy annotator's clicks (DELSE Table 7): each coordinate moves by ``U[-noise, noise]``
+    times the box side along it (x by the width, y by the height).
+
+    Args:
+        points: (P, 2) (x, y); box: (x0, y0, x1, y1); noise: fraction, e.g. 0.05 for +-5 %;
+        rng: np.random.Generator; image_size: optional (H, W), clicks are kept inside the image.
+    Returns:
+        (P, 2) float32.
+    """
+    side = np.array([box[2] - box[0], box[3] - box[1]], dtype=np.float64)
+    points = np.asarray(points, dtype=np.float64) + rng.uniform(-1, 1, size=np.shape(points)) * noise * side
+    if image_size is not None:
+        points = np.clip(points, 0, np.array(image_size[::-1]) - 1)
+    return points.astype(np.float32)
+
+
 def points_heatmap(points, size, sigma):
     """Max over points of a Gaussian ``exp(-d^2 / (2 sigma^2))`` (DEXTR's 4th channel).
 
@@ -210,16 +229,24 @@ def paste_to_image(level_set, crop_box, height, width):
     Returns:
         (height, width) bool array; False outside the crop.
     """
-    if torch.is_tensor(level_set):
-        level_set = level_set.detach().float().cpu().numpy()
-    size = level_set.shape[-1]
     # Pad with a negative value so the zero level does not leak past the crop border.
-    out = cv2.warpAffine(
-        level_set.astype(np.float32), crop_matrix(crop_box, size), (width, height),
+    return paste_scores(level_set, crop_box, height, width, fill=-1.0) > 0
+
+
+def paste_scores(scores, crop_box, height, width, fill):
+    """Bilinearly resample an (S, S) map on the crop grid onto the image; ``fill`` outside.
+
+    Returns:
+        (height, width) float32 array.
+    """
+    if torch.is_tensor(scores):
+        scores = scores.detach().float().cpu().numpy()
+    size = scores.shape[-1]
+    return cv2.warpAffine(
+        scores.astype(np.float32), crop_matrix(crop_box, size), (width, height),
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=-1.0,
+        borderMode=cv2.BORDER_CONSTANT, borderValue=float(fill),
     )
-    return out > 0
 
 
 def mask_box(mask):
@@ -261,7 +288,7 @@ class DELSEDatasetMapper:
         self.crop_margin = float(crop_margin)
         self.crop_mode = crop_mode
         self.jitter = int(jitter) if is_train else 0
-        self.noise = float(noise)
+        self.noise = 0.0 if is_train else float(noise)
         self.heatmap_sigma = float(heatmap_sigma)
         self.tsdf_truncation = float(tsdf_truncation)
         self.image_format = image_format
@@ -298,8 +325,9 @@ class DELSEDatasetMapper:
         points = extreme_points(mask, self.jitter, rng)
         box = mask_box(mask)
         if self.noise > 0:
-            side = np.array([box[2] - box[0], box[3] - box[1]], dtype=np.float32)
-            points = points + rng.uniform(-1, 1, size=points.shape).astype(np.float32) * self.noise * side
+            # As the predictor does, the crop follows the clicks (their box is mask_box without noise).
+            points = perturb_clicks(points, box, self.noise, rng, (H, W))
+            box = points_box(points)
 
         S = self.input_size
         crop_box = crop_box_around(box, self.crop_margin, self.crop_mode)

@@ -1,6 +1,7 @@
 """Evaluation of crop-based annotation (DELSE section 5): IoU per class, boundary F at 1 and 2 px,
-the DAVIS J/F statistics, the boundary-F curve over 1-10 px, and IoU after simulated drags.
-All measures come from ``levelset.metrics`` and are computed in image coordinates."""
+the DAVIS J/F statistics, the boundary-F curve over 1-10 px, IoU after simulated drags and,
+optionally, the mIoU at the best mask threshold. All measures come from ``levelset.metrics`` and
+are computed in image coordinates."""
 import itertools
 import json
 import logging
@@ -14,11 +15,11 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from levelset import metrics
 
-from .data import decode_mask
+from .data import decode_mask, paste_scores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DELSEEvaluator", "instance_scores"]
+__all__ = ["DELSEEvaluator", "instance_scores", "threshold_ious", "search_threshold"]
 
 
 def instance_scores(pred, gt, tolerances):
@@ -35,15 +36,47 @@ def instance_scores(pred, gt, tolerances):
     }
 
 
+def threshold_ious(scores, gt, thresholds):
+    """IoU of ``scores > t`` against ``gt`` for every threshold.
+
+    Args:
+        scores: (H, W) float array (phi_T or a probability, pasted onto the image); gt: (H, W)
+        bool; thresholds: sequence of T floats.
+    Returns:
+        (T,) float array.
+    """
+    return np.array([metrics.jaccard(scores > t, gt) for t in thresholds])
+
+
+def search_threshold(ious, thresholds):
+    """The paper's threshold search (after DEXTR): the threshold whose mean IoU over all
+    instances is the highest. Optimistic, as it is tuned on the data it is reported on.
+
+    Args:
+        ious: (N, T) IoU of each instance at each threshold; thresholds: (T,).
+    Returns:
+        (threshold, its mean IoU); the first such threshold on ties.
+    """
+    miou = np.asarray(ious, dtype=np.float64).mean(0)
+    best = int(np.argmax(miou))
+    return float(thresholds[best]), float(miou[best])
+
+
 class DELSEEvaluator(DatasetEvaluator):
     """Scores the ``mask`` of every DELSE output against the instance's GT mask.
 
     Expects inputs from ``DELSEDatasetMapper(cfg, is_train=False)`` (they carry the annotation)
     and outputs of the DELSE model; ``corrections`` in an output (simulated drags) are scored too.
     Results are in percent, like Detectron2's COCO evaluator.
+
+    With ``threshold_search`` (TEST.DELSE.THRESHOLD_SEARCH) it also reports ``mIoU@best_threshold``
+    and ``best_threshold``: the threshold on phi_T (crop pixels), or on ``prob`` for the
+    pixel-wise baseline, that maximises mIoU over the evaluated instances (no drags; boundary F
+    and the drags stay at the default threshold).
     """
 
-    def __init__(self, dataset_name, cfg=None, output_dir=None, *, tolerances=None, distributed=True):
+    def __init__(self, dataset_name, cfg=None, output_dir=None, *, tolerances=None, distributed=True,
+                 threshold_search=None, phi_thresholds=None, prob_thresholds=None):
         self.dataset_name = dataset_name
         if tolerances is None:
             tolerances = cfg.TEST.DELSE.BOUNDARY_TOLERANCES if cfg is not None else range(1, 11)
@@ -53,6 +86,15 @@ class DELSEEvaluator(DatasetEvaluator):
                 self.tolerances.append(t)
         self.output_dir = output_dir
         self.distributed = distributed
+        t = cfg.TEST.DELSE if cfg is not None else None
+        self.threshold_search = bool(t.THRESHOLD_SEARCH if threshold_search is None and t is not None
+                                     else threshold_search)
+        self.thresholds = {
+            "phi": list(phi_thresholds if phi_thresholds is not None else
+                        (t.PHI_THRESHOLDS if t is not None else [x / 2.0 for x in range(-12, 13)])),
+            "prob": list(prob_thresholds if prob_thresholds is not None else
+                         (t.PROB_THRESHOLDS if t is not None else [x / 20.0 for x in range(1, 20)])),
+        }
         meta = MetadataCatalog.get(dataset_name)
         names = meta.get("thing_classes", None)
         self.class_names = {i: n for i, n in enumerate(names)} if names else {}
@@ -70,6 +112,12 @@ class DELSEEvaluator(DatasetEvaluator):
                 instance_scores(c["mask"].cpu().numpy(), gt, self.tolerances)
                 for c in out.get("corrections", [])
             ]
+            if self.threshold_search:
+                kind = "prob" if "prob" in out else "phi"
+                grid = self.thresholds[kind]
+                scores = paste_scores(out[kind][0], x["crop_box"], x["height"], x["width"], min(grid) - 1.0)
+                rec["threshold_kind"] = kind
+                rec["threshold_ious"] = threshold_ious(scores, gt, grid).tolist()
             self._records.append(rec)
 
     def evaluate(self):
@@ -86,7 +134,7 @@ class DELSEEvaluator(DatasetEvaluator):
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "delse_instance_scores.json"), "w") as f:
                 json.dump(records, f)
-        res = self.summarize(records, self.tolerances)
+        res = self.summarize(records, self.tolerances, self.thresholds)
         by_class = defaultdict(list)
         for r in records:
             by_class[r["category_id"]].append(r["iou"])
@@ -100,8 +148,9 @@ class DELSEEvaluator(DatasetEvaluator):
         return OrderedDict({"delse": res})
 
     @staticmethod
-    def summarize(records, tolerances):
-        """Per-instance scores -> the paper's summary numbers (percent)."""
+    def summarize(records, tolerances, thresholds=None):
+        """Per-instance scores -> the paper's summary numbers (percent; best_threshold in its
+        own units). ``thresholds``: {"phi": [...], "prob": [...]}, the grids searched."""
         ious = np.array([r["iou"] for r in records])
         curve = np.array([r["f_curve"] for r in records])  # (N, T)
         res = OrderedDict()
@@ -121,4 +170,9 @@ class DELSEEvaluator(DatasetEvaluator):
             res[f"mIoU@{k}drag"] = 100 * float(np.mean([a["iou"] for a in after]))
             res[f"F@1px@{k}drag"] = 100 * float(np.mean([a["f_curve"][tolerances.index(1.0)] for a in after]))
             res[f"F@2px@{k}drag"] = 100 * float(np.mean([a["f_curve"][tolerances.index(2.0)] for a in after]))
+        if thresholds and all("threshold_ious" in r for r in records):
+            kind = records[0]["threshold_kind"]
+            best, miou = search_threshold([r["threshold_ious"] for r in records], thresholds[kind])
+            res["mIoU@best_threshold"] = 100 * miou
+            res["best_threshold"] = best
         return res

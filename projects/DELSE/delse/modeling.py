@@ -27,6 +27,8 @@ __all__ = [
     "MotionEditingBlock",
     "level_set_loss",
     "evolution_loss",
+    "pixel_wise_loss",
+    "class_balanced_bce",
     "direction_loss",
 ]
 
@@ -130,23 +132,42 @@ def level_set_loss(phi0, gt_tsdf):
     return F.mse_loss(phi0, gt_tsdf)
 
 
+def class_balanced_bce(log_fg, log_bg, gt_mask):
+    """DEXTR's class-balanced BCE: foreground pixels weighted by the fraction of background
+    pixels of their sample and vice versa, so the rare class is not drowned.
+
+    Args:
+        log_fg, log_bg: (N, 1, S, S) log-probabilities of foreground / background;
+        gt_mask: (N, S, S) bool.
+    Returns:
+        scalar, mean over pixels and samples.
+    """
+    target = gt_mask[:, None].float()
+    pos = target.flatten(1).mean(1).view(-1, 1, 1, 1)
+    wp, wn = 1.0 - pos, pos
+    return -(wp * target * log_fg + wn * (1 - target) * log_bg).mean()
+
+
 def evolution_loss(phi, gt_mask, eps):
     """L_T of eq. 15: class-balanced BCE of the smooth Heaviside H_eps(phi_T) (eq. 14).
-
-    wp / wn are the fractions of background / foreground pixels of each sample (DEXTR's
-    class-balanced loss), so the rare class is not drowned.
 
     Args:
         phi: (N, 1, S, S) level set; gt_mask: (N, S, S) bool; eps: float.
     Returns:
         scalar, mean over pixels and samples.
     """
-    target = gt_mask[:, None].float()
     prob = levelset.heaviside(phi.float(), eps).clamp(1e-6, 1 - 1e-6)
-    pos = target.flatten(1).mean(1).view(-1, 1, 1, 1)
-    wp, wn = 1.0 - pos, pos
-    loss = -(wp * target * torch.log(prob) + wn * (1 - target) * torch.log(1 - prob))
-    return loss.mean()
+    return class_balanced_bce(torch.log(prob), torch.log(1 - prob), gt_mask)
+
+
+def pixel_wise_loss(logits, gt_mask):
+    """The pixel-wise baseline's loss (DEXTR): class-balanced BCE of sigmoid(logits).
+
+    Args:
+        logits: (N, 1, S, S); gt_mask: (N, S, S) bool.
+    """
+    logits = logits.float()
+    return class_balanced_bce(F.logsigmoid(logits), F.logsigmoid(-logits), gt_mask)
 
 
 def direction_loss(motion, gt_direction):
@@ -175,6 +196,11 @@ class DELSE(nn.Module):
     ``phi`` (phi_T), ``crop_mask``, ``mask`` (image coordinates, when ``crop_box`` and image size
     are given) and, when GT is given and ``test_num_corrections > 0``, ``corrections``: the
     results after each simulated drag.
+
+    With ``pixel_wise`` it is the DEXTR-style baseline on the same encoder and data: the Level
+    Set Branch predicts mask logits, returned as ``phi0`` = ``phi`` (zero level: p = 0.5), with
+    ``prob`` = sigmoid(logits); V = 0 and m = 1 are returned for the absent terms. Drags act only
+    through the extreme-point channel (DEXTR's extra clicks).
     """
 
     @configurable
@@ -192,6 +218,7 @@ class DELSE(nn.Module):
         use_extreme_points=True,
         use_motion=True,
         use_modulation=True,
+        pixel_wise=False,
         tsdf_truncation=30.0,
         evolution_steps=5,
         evolution_dt=1.0,
@@ -219,8 +246,9 @@ class DELSE(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.use_extreme_points = use_extreme_points
-        self.use_motion = use_motion
-        self.use_modulation = use_modulation
+        self.pixel_wise = bool(pixel_wise)
+        self.use_motion = use_motion and not self.pixel_wise
+        self.use_modulation = use_modulation and not self.pixel_wise
         self.tsdf_truncation = float(tsdf_truncation)
         self.evolution_steps = int(evolution_steps)
         self.evolution_dt = evolution_dt
@@ -242,8 +270,8 @@ class DELSE(nn.Module):
         # Parts that this configuration never trains get no gradients (and DDP no unused
         # parameters): the editing block without simulated corrections, and switched-off branches.
         # An untrained editing block is the identity (its last conv starts at zero).
-        for part, used in [(motion_editing, self.num_corrections > 0), (motion_branch, use_motion),
-                           (modulation_branch, use_modulation)]:
+        for part, used in [(motion_editing, self.num_corrections > 0 and not self.pixel_wise),
+                           (motion_branch, self.use_motion), (modulation_branch, self.use_modulation)]:
             if not used:
                 part.requires_grad_(False)
 
@@ -271,6 +299,7 @@ class DELSE(nn.Module):
             "use_extreme_points": use_points,
             "use_motion": d.USE_MOTION,
             "use_modulation": d.USE_MODULATION,
+            "pixel_wise": d.PIXEL_WISE,
             "tsdf_truncation": d.TSDF_TRUNCATION,
             "evolution_steps": d.EVOLUTION_STEPS,
             "evolution_dt": d.EVOLUTION_DT,
@@ -318,6 +347,11 @@ class DELSE(nn.Module):
         def up(t):
             return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
+        if self.pixel_wise:
+            logits = up(self.initial_level_set_branch(feats))
+            n, _, h, w = logits.shape
+            return {"phi0": logits, "prob": torch.sigmoid(logits),
+                    "motion": logits.new_zeros(n, 2, h, w), "modulation": logits.new_ones(n, 1, h, w)}
         # The branch regresses TSDF / D, an O(1) target; phi0 itself is in pixels.
         phi0 = self.initial_level_set_branch(feats) * self.tsdf_truncation
         motion = self.motion_branch(feats)
@@ -367,6 +401,8 @@ class DELSE(nn.Module):
             return self.inference(batched_inputs, images, heatmaps)
         gt_mask = self._stack(batched_inputs, "gt_mask")
         out = self.layers(images, heatmaps)
+        if self.pixel_wise:  # one loss throughout, with the simulated corrections if any
+            return {"loss_mask": self.final_mask_loss(out, gt_mask, images, heatmaps)}
         if self.current_phase() == "pretrain":
             return self.pretrain_losses(out, gt_mask, batched_inputs)
         return self.joint_losses(out, gt_mask, images, heatmaps)
@@ -389,8 +425,19 @@ class DELSE(nn.Module):
     def joint_losses(self, out, gt_mask, images, heatmaps):
         """L_T on evolve(phi0) (Algorithm 1, joint loop), plus L_T after each simulated drag,
         averaged, times alpha (see MODEL.DELSE.EVOLUTION_LOSS_WEIGHT)."""
+        return {"loss_evolution": self.evolution_loss_weight * self.final_mask_loss(out, gt_mask, images, heatmaps)}
+
+    def mask_loss(self, phi, gt_mask):
+        """L_T (eq. 15) of a final level set; the pixel-wise baseline's BCE of its logits."""
+        if self.pixel_wise:
+            return pixel_wise_loss(phi, gt_mask)
+        return evolution_loss(phi, gt_mask, self.heaviside_eps)
+
+    def final_mask_loss(self, out, gt_mask, images, heatmaps):
+        """mask_loss of the final prediction, and of the prediction after each simulated drag
+        (NUM_CORRECTIONS), averaged."""
         phi_t = self.evolve(out["phi0"], out["motion"], out["modulation"])
-        loss = evolution_loss(phi_t, gt_mask, self.heaviside_eps)
+        loss = self.mask_loss(phi_t, gt_mask)
         if self.num_corrections > 0:
             state = [self.new_interaction(h[0]) for h in heatmaps]
             for _ in range(self.num_corrections):
@@ -398,9 +445,9 @@ class DELSE(nn.Module):
                     self.add_drag(s, simulate_correction(phi, gt))
                 corrected = self.corrected_terms(images, state)
                 phi_t = self.evolve(corrected["phi0"], corrected["motion"], corrected["modulation"])
-                loss = loss + evolution_loss(phi_t, gt_mask, self.heaviside_eps)
+                loss = loss + self.mask_loss(phi_t, gt_mask)
             loss = loss / (self.num_corrections + 1)
-        return {"loss_evolution": self.evolution_loss_weight * loss}
+        return loss
 
     # ------------------------------------------------------------------ corrections
     def new_interaction(self, heatmap):
@@ -420,6 +467,8 @@ class DELSE(nn.Module):
         """Re-run the network with every sample's corrections (heatmap + motion editing)."""
         S = images.shape[-2:]
         heatmaps = torch.stack([s["heatmap"] for s in states])[:, None]
+        if self.pixel_wise:
+            return self.layers(images, heatmaps)
         drags = torch.stack([drag_channels(s["drags"], S, self.device) for s in states])
         return self.layers(images, heatmaps, drags)
 
