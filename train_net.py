@@ -14,7 +14,6 @@ import weakref
 import torch
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     AMPTrainer,
@@ -35,6 +34,7 @@ from detectron2.evaluation import (
 from detectron2.utils.logger import setup_logger
 
 import levelset_rcnn
+from levelset_rcnn.checkpoint import SafeDetectionCheckpointer
 from levelset_rcnn.data import prepare_dataset
 from levelset_rcnn.evaluation import LevelSetCOCOEvaluator, patch_lvis_numpy
 
@@ -67,7 +67,8 @@ class Trainer(DefaultTrainer):
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # Atomic saves (a kill mid-save keeps the previous checkpoint) and no code execution on load.
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -161,7 +162,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from skimage import measure
 
-from detectron2.checkpoint import DetectionCheckpointer
+from levelset_rcnn.checkpoint import SafeDetectionCheckpointer
 from detectron2.modeling import build_model
 
 from .data import (
@@ -70,7 +70,7 @@ class DELSEPredictor:
         if model is None:
             model = build_model(self.cfg)
             if cfg.MODEL.WEIGHTS:
-                DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+                SafeDetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
         self.model = model.eval()
         d = cfg.INPUT.DELSE
         self.input_size = d.INPUT_SIZE

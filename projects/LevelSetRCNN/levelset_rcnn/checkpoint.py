@@ -1,0 +1,118 @@
+"""Checkpoints that survive a kill mid-save and never run code from the file they load.
+
+Detectron2's checkpointer writes ``model_XXXX.pth`` and ``last_checkpoint`` in place, so a job
+killed during a save (pre-emption, OOM killer) leaves a truncated file that ``--resume`` then tries
+to load. And it reads ``.pkl`` files (Detectron1/Caffe2 model zoos) with ``pickle.load``, which
+executes whatever the file asks for. :class:`SafeDetectionCheckpointer` writes to a temporary
+file in the same folder and renames it (atomic on POSIX), loads ``.pth`` with
+``torch.load(weights_only=True)`` and ``.pkl`` with an unpickler that only rebuilds NumPy arrays
+and plain containers.
+"""
+import io
+import os
+import pickle
+import tempfile
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+__all__ = ["SafeDetectionCheckpointer", "safe_pickle_load", "UnsafeCheckpointError"]
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint asked to construct an object outside the allowed tensor/array types."""
+
+
+# What model-zoo pickles legitimately contain: NumPy arrays/scalars and standard containers.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS or (module.startswith("numpy") and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"refusing to load global {module}.{name}: only NumPy arrays and containers "
+                                    "are allowed in a .pkl checkpoint")
+
+
+def safe_pickle_load(f):
+    """``pickle.load(f, encoding="latin1")`` limited to NumPy arrays and plain containers."""
+    return _RestrictedUnpickler(f, encoding="latin1").load()
+
+
+def _atomic_write(path, write):
+    """Call ``write(fileobj)`` on a temporary file next to ``path``, then rename it onto ``path``."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves and loading that cannot execute code."""
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        local = self.path_manager.get_local_path(self.save_dir) if hasattr(self.path_manager, "get_local_path") else None
+        if local and os.path.isdir(local):
+            _atomic_write(os.path.join(local, basename), lambda f: torch.save(data, f))
+        else:  # remote storage: no rename there; fall back to a plain write
+            with self.path_manager.open(save_file, "wb") as f:
+                torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        local = self.path_manager.get_local_path(self.save_dir)
+        if os.path.isdir(local):
+            _atomic_write(os.path.join(local, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
+        else:
+            super().tag_last_checkpoint(last_filename_basename)
+
+    def _load_file(self, filename):
+        if not filename.endswith(".pkl"):
+            return super()._load_file(filename)  # .pth/.pyth and URL queries, through _torch_load
+        with self.path_manager.open(filename, "rb") as f:
+            try:
+                data = safe_pickle_load(io.BytesIO(f.read()))
+            except UnsafeCheckpointError as e:
+                raise UnsafeCheckpointError(f"{filename}: {e}") from None
+        if "model" in data and "__author__" in data:  # Detectron2 model-zoo format
+            self.logger.info(f"Reading a file from '{data['__author__']}'")
+            return data
+        # Caffe2 / Detectron1 model zoo: weights under "blobs" (detection models) or at the top.
+        data = data.get("blobs", data)
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+    def _torch_load(self, f):
+        try:
+            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(
+                f"{f} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it ({e}). "
+                "Re-save it as a state_dict, or load it yourself if you trust its source.") from None
