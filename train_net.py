@@ -10,6 +10,7 @@ Train and evaluate LevelSet R-CNN (and Mask R-CNN baselines, and DELSE) with Det
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -22,6 +23,7 @@ from detectron2.engine import (
     TrainerBase,
     default_argument_parser,
     default_setup,
+    hooks,
     launch,
 )
 from detectron2.engine.defaults import create_ddp_model
@@ -31,6 +33,7 @@ from detectron2.evaluation import (
     LVISEvaluator,
     verify_results,
 )
+from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils.logger import setup_logger
 
 import levelset_rcnn
@@ -146,6 +149,20 @@ class Trainer(DefaultTrainer):
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Multi-scale + flip inference (cfg.TEST.AUG; paper Table 1 "MS+F"). Detectron2's TTA
+        averages the RoI masks, i.e. H_eps(phi_N), over the augmentations before pasting."""
+        logging.getLogger("detectron2").info("Running inference with test-time augmentation ...")
+        model = GeneralizedRCNNWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict({k + "_TTA": v for k, v in res.items()})
+
+
 def setup(args):
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(args.config_file)
@@ -166,12 +183,18 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks(
+            [hooks.EvalHook(0, lambda: trainer.test_with_TTA(cfg, trainer.model))]
+        )
     return trainer.train()
 
 
