@@ -327,3 +327,33 @@ def test_import_touches_no_disk_and_synthetic_data_is_made_on_first_use(tmp_path
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (root / "val.json").exists()
+
+
+EXPECTED_HEADS = {
+    "levelset_rcnn_R_50_FPN_1x_coco.yaml": "LevelSetMaskHead",
+    "mask_rcnn_R_50_FPN_1x_coco.yaml": "MaskRCNNConvUpsampleHead",
+    "levelset_rcnn_R_50_FPN_cityscapes.yaml": "LevelSetMaskHead",
+    "ablation_tsdf_mask_rcnn_R_50_FPN_cityscapes.yaml": "TSDFMaskRCNNHead",
+    "ablation_mask_rcnn_112_R_50_FPN_cityscapes.yaml": "HighResMaskRCNNHead",
+    "ablation_global_hyperparams_R_50_FPN_cityscapes.yaml": "LevelSetMaskHead",
+    "ablation_detach_phi0_R_50_FPN_cityscapes.yaml": "LevelSetMaskHead",
+    "levelset_rcnn_R_18_FPN_GN_dsb2018.yaml": "LevelSetMaskHead",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_HEADS))
+def test_paper_configs_build(name):
+    """Each experiment config builds its model (R-50 / R-18, randomly initialised, on CPU)."""
+    cfg = tiny_cfg(name)
+    model = build_model(cfg)
+    head = model.roi_heads.mask_head
+    assert type(head).__name__ == EXPECTED_HEADS[name]
+    ls = cfg.MODEL.LEVELSET
+    if isinstance(head, LevelSetMaskHead):
+        assert head.detach_phi0 == ls.DETACH_PHI0
+        assert isinstance(head.hyperparameter_head, GlobalHyperparameters) == (ls.HYPERPARAM_MODE == "global")
+        assert (head.loss_weight_phi0, head.loss_weight_phin) == (ls.LOSS_WEIGHT_PHI0, ls.LOSS_WEIGHT_PHIN)
+        assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+    if isinstance(head, HighResMaskRCNNHead):
+        assert head.layers(torch.randn(1, 256, 14, 14)).shape[-1] == 112
+    assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
