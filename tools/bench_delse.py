@@ -105,6 +105,9 @@ def evaluate(args, name, out_dir, noise=0.0):
             evaluator.process(inputs, model(inputs))
     res = dict(evaluator.evaluate()["delse"])
     res["num_instances"] = len(instances)
+    if "best_threshold" in res:
+        grid = evaluator.thresholds["prob" if cfg.MODEL.DELSE.PIXEL_WISE else "phi"]
+        res["threshold_at_grid_edge"] = res["best_threshold"] in (min(grid), max(grid))
     return res, time.time() - t0
 
 
@@ -144,8 +147,8 @@ def main():
              "|---|---|---|---|---|---|---|---|"]
     for label, r in rows:
         unit = " px of φ_T" if label.startswith("DELSE") else " on p"
-        thr = (f"{r['mIoU@best_threshold']:.1f} ({r['best_threshold']:g}{unit})"
-               if "best_threshold" in r else "–")
+        thr = (f"{r['mIoU@best_threshold']:.1f} ({r['best_threshold']:g}{unit}"
+               f"{', edge of the grid' if r.get('threshold_at_grid_edge') else ''})" if "best_threshold" in r else "–")
         lines.append(f"| {label} | {f(r, 'mIoU')} | {f(r, 'F@1px')} | {f(r, 'F@2px')} | {f(r, 'mIoU')} "
                      f"| {f(r, 'mIoU@1drag')} | {f(r, 'mIoU@2drag')} | {thr} |")
     n_eval = rows[0][1]["num_instances"]

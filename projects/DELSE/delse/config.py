@@ -113,7 +113,7 @@ def add_delse_config(cfg):
     # paper's protocol for DEXTR and DELSE, after DEXTR; optimistic: tuned on the test data).
     cfg.TEST.DELSE.THRESHOLD_SEARCH = False
     # Thresholds searched on phi_T (crop pixels; the default mask is phi_T > 0) ...
-    cfg.TEST.DELSE.PHI_THRESHOLDS = [x / 2.0 for x in range(-12, 13)]
+    cfg.TEST.DELSE.PHI_THRESHOLDS = [x / 2.0 for x in range(-20, 21)]
     # ... and on the pixel-wise baseline's probability (default mask: p > 0.5).
     cfg.TEST.DELSE.PROB_THRESHOLDS = [x / 20.0 for x in range(1, 20)]
     return cfg

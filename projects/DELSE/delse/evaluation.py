@@ -91,7 +91,7 @@ class DELSEEvaluator(DatasetEvaluator):
                                      else threshold_search)
         self.thresholds = {
             "phi": list(phi_thresholds if phi_thresholds is not None else
-                        (t.PHI_THRESHOLDS if t is not None else [x / 2.0 for x in range(-12, 13)])),
+                        (t.PHI_THRESHOLDS if t is not None else [x / 2.0 for x in range(-20, 21)])),
             "prob": list(prob_thresholds if prob_thresholds is not None else
                          (t.PROB_THRESHOLDS if t is not None else [x / 20.0 for x in range(1, 20)])),
         }
@@ -175,4 +175,7 @@ class DELSEEvaluator(DatasetEvaluator):
             best, miou = search_threshold([r["threshold_ious"] for r in records], thresholds[kind])
             res["mIoU@best_threshold"] = 100 * miou
             res["best_threshold"] = best
+            if best in (min(thresholds[kind]), max(thresholds[kind])):
+                logger.warning(f"DELSE threshold search: the best threshold {best:g} is at the edge of "
+                               f"the searched {kind} grid; widen TEST.DELSE.{kind.upper()}_THRESHOLDS")
         return res
