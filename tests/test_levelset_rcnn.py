@@ -23,7 +23,6 @@ from levelset_rcnn.mask_head import (
     GlobalHyperparameters,
     HighResMaskRCNNHead,
     LevelSetMaskHead,
-    TSDFMaskRCNNHead,
     split_hyperparameters,
     tsdf_loss,
     tsdf_targets,

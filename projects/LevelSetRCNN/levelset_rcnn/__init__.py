@@ -5,7 +5,7 @@ from .mask_head import HighResMaskRCNNHead, LevelSetMaskHead, TSDFMaskRCNNHead
 from .postprocessing import add_polygons, tsdf_to_polygons
 from .evaluation import LevelSetCOCOEvaluator
 
-from . import backbone as _, data as _  # only registration
+from . import backbone as _backbone, data as _data  # noqa: F401  (only registration)
 
 __all__ = [
     "add_levelset_rcnn_config",
