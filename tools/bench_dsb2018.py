@@ -28,18 +28,29 @@ CONFIGS = {
 BEGIN, END = "<!-- bench_dsb2018:begin -->", "<!-- bench_dsb2018:end -->"
 
 
+def start(cmd, log_path, threads=None):
+    """Start a command with its output going to a log file."""
+    print("$", " ".join(str(c) for c in cmd), f"> {log_path}", flush=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.Popen([str(c) for c in cmd], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            text=True, cwd=REPO, env=env)
+
+
+def wait(procs):
+    """Wait for (proc, log_path) pairs, echoing training progress; fail loudly if one fails."""
+    while any(p.poll() is None for p, _ in procs):
+        time.sleep(60)
+        for _, log in procs:
+            lines = [l for l in Path(log).read_text().splitlines() if " eta: " in l]
+            if lines:
+                print(Path(log).name, lines[-1][lines[-1].index("eta:"):][:60], flush=True)
+    for p, log in procs:
+        if p.returncode != 0:
+            raise SystemExit(f"command failed ({p.returncode}); see {log}")
+
+
 def run(cmd, log_path):
-    """Run a command, teeing its output to a log; fail loudly with the log's tail."""
-    print("$", " ".join(str(c) for c in cmd), flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=REPO)
-        for line in proc.stdout:
-            log.write(line)
-            if "eta:" in line or "copypaste" in line or "Error" in line or "Traceback" in line:
-                print(line.rstrip(), flush=True)
-        if proc.wait() != 0:
-            raise SystemExit(f"command failed ({proc.returncode}); see {log_path}")
+    wait([(start(cmd, log_path), log_path)])
 
 
 def train_opts(args, out_dir):
@@ -77,20 +88,30 @@ def main():
     ap.add_argument("--num-gpus", type=int, default=1)
     ap.add_argument("--output-dir", default=str(REPO / "output/bench_dsb2018"))
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
+    ap.add_argument("--parallel", action="store_true", help="train both models at once, one thread each (CPU)")
     ap.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides for every run (KEY VALUE ...)")
     args = ap.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
 
     rows, times = [], {}
+    out_dirs = {name: os.path.join(args.output_dir, name.replace(" ", "_").lower()) for name in CONFIGS}
+    if not args.skip_train:
+        # DATASETS.TEST () : no evaluation at the end of training; evaluate() does it below.
+        cmds = {name: [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--num-gpus", args.num_gpus,
+                       *train_opts(args, out_dirs[name]), "DATASETS.TEST", "()"] for name in CONFIGS}
+        logs = {name: Path(args.output_dir) / f"{name.replace(' ', '_')}.train.log" for name in CONFIGS}
+        t0 = time.time()
+        if args.parallel:  # both at once, one thread each: on 2 cores, faster than 2 threads in turn
+            wait([(start(cmds[n], logs[n], threads=1), logs[n]) for n in CONFIGS])
+            times = {"both, in parallel": time.time() - t0}
+        else:
+            for name in CONFIGS:
+                t1 = time.time()
+                run(cmds[name], logs[name])
+                times[name] = time.time() - t1
     for name in CONFIGS:
-        out_dir = os.path.join(args.output_dir, name.replace(" ", "_").lower())
-        if not args.skip_train:
-            t0 = time.time()
-            # DATASETS.TEST () : no evaluation at the end of training; evaluate() does it below.
-            run([sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--num-gpus", args.num_gpus,
-                 *train_opts(args, out_dir), "DATASETS.TEST", "()"], Path(args.output_dir) / f"{name.replace(' ', '_')}.train.log")
-            times[name] = time.time() - t0
+        out_dir = out_dirs[name]
         rows.append((name, evaluate(args, name, out_dir)))
         if name == "LevelSet R-CNN":
             rows.append(("LevelSet R-CNN, initial φ0", evaluate(args, name, out_dir, ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))))
