@@ -32,14 +32,18 @@ def _squared_distance_to(features, max_dist):
     right = torch.where(features, cols, torch.full_like(cols, 2 * big))
     right = right.flip(2).cummin(dim=2).values.flip(2)
     row_dist = torch.minimum(cols - left, right - cols).clamp_max(cap)
-    g2 = row_dist * row_dist
+    window = min(int(math.ceil(max_dist)), H - 1)
+    # Pass 2 only adds and compares integers up to cap^2 + window^2: use the narrowest exact
+    # integer type, since the pass is bound by memory traffic (uint8 for a truncation of 10 px).
+    largest = math.ceil(cap) ** 2 + window ** 2
+    small = torch.uint8 if largest <= 255 else torch.int16 if largest <= 32767 else torch.int32
+    g2 = (row_dist * row_dist).to(small)
     # Pass 2: d2(i, j) = min_s g2(i + s, j) + s^2 over the window |s| <= max_dist.
     d2 = g2.clone()
-    for s in range(1, min(int(math.ceil(max_dist)), H - 1) + 1):
-        s2 = float(s * s)
-        d2[:, s:] = torch.minimum(d2[:, s:], g2[:, :-s] + s2)
-        d2[:, :-s] = torch.minimum(d2[:, :-s], g2[:, s:] + s2)
-    return d2
+    for s in range(1, window + 1):
+        d2[:, s:] = torch.minimum(d2[:, s:], g2[:, :-s] + s * s)
+        d2[:, :-s] = torch.minimum(d2[:, :-s], g2[:, s:] + s * s)
+    return d2.float()
 
 
 def signed_distance(masks, truncation=None):
