@@ -39,6 +39,7 @@ from detectron2.utils.logger import setup_logger
 import levelset_rcnn
 from levelset_rcnn.checkpoint import SafeDetectionCheckpointer
 from levelset_rcnn.data import prepare_dataset
+from levelset_rcnn.robust_data import build_robust_test_loader, build_robust_train_loader
 from levelset_rcnn.evaluation import LevelSetCOCOEvaluator, patch_lvis_numpy
 
 
@@ -85,7 +86,7 @@ class Trainer(DefaultTrainer):
             return build_delse_train_loader(cfg)
         for name in cfg.DATASETS.TRAIN:
             prepare_dataset(name)
-        return super().build_train_loader(cfg)
+        return build_robust_train_loader(cfg)  # bad samples: skipped with a warning, or DATALOADER.STRICT
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -94,7 +95,7 @@ class Trainer(DefaultTrainer):
 
             return build_delse_test_loader(cfg, dataset_name)
         prepare_dataset(dataset_name)
-        return super().build_test_loader(cfg, dataset_name)
+        return build_robust_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -170,6 +171,7 @@ def setup(args):
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"  # the configs default to CUDA; run where we are
     cfg.freeze()
+    levelset_rcnn.config.check_registered_names(cfg)  # a typo in a head's name fails here, naming the key
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="levelset_rcnn")
     return cfg

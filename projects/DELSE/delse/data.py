@@ -19,8 +19,8 @@ from pycocotools import mask as mask_util
 import levelset
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.data import detection_utils as utils
 from detectron2.data.build import get_detection_dataset_dicts
+from levelset_rcnn.robust_data import RobustDatasetMapper, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class DELSEDatasetMapper:
     def __call__(self, record):
         record = copy.copy(record)
         ann = record["annotation"]
-        image = utils.read_image(record["file_name"], format=self.image_format)
+        image = read_image(record["file_name"], format=self.image_format)  # 16-bit, gray, RGBA -> 8-bit
         H, W = image.shape[:2]
         mask = decode_mask(ann["segmentation"], H, W)
         if not mask.any():
@@ -365,7 +365,8 @@ def build_delse_train_loader(cfg):
     instances = flatten_instances(dicts, cfg.INPUT.DELSE.MIN_AREA)
     return build_detection_train_loader(
         dataset=instances,
-        mapper=DELSEDatasetMapper(cfg, True),
+        # A bad instance (unreadable image, empty mask) is skipped with a warning, or DATALOADER.STRICT.
+        mapper=RobustDatasetMapper(DELSEDatasetMapper(cfg, True), strict=cfg.DATALOADER.STRICT),
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         aspect_ratio_grouping=False,
         num_workers=cfg.DATALOADER.NUM_WORKERS,

@@ -1,5 +1,6 @@
 """Interactive annotation with a trained DELSE model (section 4.4): four extreme clicks give a mask
 and a polygon; each drag of a wrong boundary point onto the right one re-predicts them."""
+import logging
 from dataclasses import dataclass, field
 from typing import List
 
@@ -21,6 +22,8 @@ from .data import (
 )
 
 __all__ = ["DELSEPredictor", "DELSEResult", "zero_level_polygons"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,15 +83,40 @@ class DELSEPredictor:
         self.input_format = cfg.INPUT.FORMAT
         self._state = None
 
+    @staticmethod
+    def _clip_points(points, size, what):
+        """Clicks outside the image are moved onto its border, with a warning."""
+        H, W = size
+        clipped = np.clip(points, 0, np.array([W - 1, H - 1], dtype=np.float32))
+        if not np.array_equal(clipped, points):
+            logger.warning(f"{what} {points.tolist()} outside the {W}x{H} image: clipped to {clipped.tolist()}")
+        return clipped
+
     @torch.no_grad()
     def predict(self, image_bgr, extreme_points):
         """Segment the object given by four extreme clicks (x, y) in image pixels.
 
-        Starts a new annotation: previous corrections are forgotten.
+        Starts a new annotation: previous corrections are forgotten. Clicks outside the image are
+        clipped to it (with a warning). Duplicated or collinear clicks are accepted: their box has
+        at least one pixel per side and the crop adds ``INPUT.DELSE.CROP_MARGIN`` around it, so the
+        crop is always valid (the mask is then whatever the model makes of a thin object).
+
+        Raises:
+            ValueError: the image is not an (H, W, 3) uint8 array, or the clicks are not four
+                finite (x, y) pairs.
         """
-        points = np.asarray(extreme_points, dtype=np.float32).reshape(-1, 2)
+        if not (isinstance(image_bgr, np.ndarray) and image_bgr.ndim == 3 and image_bgr.shape[2] == 3
+                and image_bgr.dtype == np.uint8 and min(image_bgr.shape[:2]) > 0):
+            got = (f"{image_bgr.dtype} array of shape {image_bgr.shape}" if isinstance(image_bgr, np.ndarray)
+                   else type(image_bgr).__name__)
+            raise ValueError(f"image_bgr must be an (H, W, 3) uint8 BGR array (cv2.imread), got {got}")
+        points = np.asarray(extreme_points, dtype=np.float32)
+        if points.shape != (4, 2) or not np.isfinite(points).all():
+            raise ValueError(f"extreme_points must be 4 finite (x, y) clicks (left, right, top, bottom), "
+                             f"got {np.asarray(extreme_points).tolist()}")
         image = image_bgr[:, :, ::-1] if self.input_format == "RGB" else image_bgr
         H, W = image.shape[:2]
+        points = self._clip_points(points, (H, W), "extreme points")
         S = self.input_size
         crop_box = crop_box_around(points_box(points), self.crop_margin, self.crop_mode)
         crop = warp_to_crop(np.ascontiguousarray(image), crop_box, S)
@@ -111,7 +139,14 @@ class DELSEPredictor:
             raise RuntimeError("call predict() before correct()")
         st = self._state
         S = self.input_size
-        src, dst = points_to_crop(np.array([from_point, to_point], dtype=np.float32), st["crop_box"], S)
+        drag = np.asarray([from_point, to_point], dtype=np.float32)
+        if drag.shape != (2, 2) or not np.isfinite(drag).all():
+            raise ValueError(f"a drag is two finite (x, y) points, got {from_point!r} -> {to_point!r}")
+        drag = self._clip_points(drag, st["size"], "drag")
+        if np.array_equal(drag[0], drag[1]):
+            logger.warning(f"drag of zero length at {drag[0].tolist()} ignored")
+            return st["result"]
+        src, dst = points_to_crop(drag, st["crop_box"], S)
         device = self.model.device
         self.model.add_drag(st["interaction"], (torch.from_numpy(src).to(device),
                                                  torch.from_numpy(dst).to(device)))
@@ -124,10 +159,11 @@ class DELSEPredictor:
         st = self._state
         H, W = st["size"]
         polys = zero_level_polygons(phi, st["crop_box"])
-        return DELSEResult(
+        st["result"] = DELSEResult(
             mask=paste_to_image(phi, st["crop_box"], H, W),
             polygon=polys[0] if polys else np.zeros((0, 2), np.float32),
             polygons=polys,
             phi=phi,
             crop_box=st["crop_box"],
         )
+        return st["result"]

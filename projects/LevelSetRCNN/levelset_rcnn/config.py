@@ -46,6 +46,9 @@ def add_levelset_rcnn_config(cfg):
     # Side of the logits of the high-resolution Mask R-CNN head (ablation "112x112 Mask R-CNN").
     cfg.MODEL.LEVELSET.MASK_RCNN_RESOLUTION = 112
 
+    # Raise on a bad sample (unreadable image, unusable annotation) instead of skipping it with a warning.
+    cfg.DATALOADER.STRICT = False
+
     # Add the boundary metrics (AF1, AF2, Boundary AP) beside COCO AP when evaluating.
     cfg.TEST.BOUNDARY_EVAL = True
 
@@ -70,3 +73,29 @@ def get_cfg():
     else:
         add_delse_config(cfg)
     return cfg
+
+
+def check_registered_names(cfg):
+    """Raise a ValueError naming the config key when a component name is not registered.
+
+    Detectron2's registries fail with a bare ``KeyError`` deep in ``build_model``; this says which
+    key to change and lists the names that would work (import ``levelset_rcnn`` / ``delse`` first
+    so that their heads are registered).
+    """
+    from detectron2.modeling import (
+        BACKBONE_REGISTRY,
+        META_ARCH_REGISTRY,
+        ROI_HEADS_REGISTRY,
+        ROI_MASK_HEAD_REGISTRY,
+    )
+
+    checks = [("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, META_ARCH_REGISTRY),
+              ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY)]
+    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
+        checks.append(("MODEL.ROI_HEADS.NAME", cfg.MODEL.ROI_HEADS.NAME, ROI_HEADS_REGISTRY))
+        if cfg.MODEL.MASK_ON:
+            checks.append(("MODEL.ROI_MASK_HEAD.NAME", cfg.MODEL.ROI_MASK_HEAD.NAME, ROI_MASK_HEAD_REGISTRY))
+    for key, name, registry in checks:
+        registered = sorted(n for n, _ in registry)
+        if name not in registered:
+            raise ValueError(f"{key} = {name!r} is not registered; change {key} to one of: {', '.join(registered)}")

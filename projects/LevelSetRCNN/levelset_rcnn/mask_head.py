@@ -22,6 +22,7 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
 __all__ = [
+    "check_tsdf_config",
     "TSDFMaskRCNNHead",
     "LevelSetMaskHead",
     "HighResMaskRCNNHead",
@@ -235,6 +236,18 @@ class ChanVeseFeaturesHead(nn.Module):
         return x
 
 
+def check_tsdf_config(ls) -> None:
+    """Fail when the head is built, naming the key to change, rather than deep in a forward."""
+    ev, ts, trunc = ls.EVOLUTION_RESOLUTION, ls.TSDF_RESOLUTION, ls.TRUNCATION
+    if ts < 1:
+        raise ValueError(f"MODEL.LEVELSET.TSDF_RESOLUTION must be >= 1, got {ts}")
+    if ev < ts or ev % ts != 0:
+        raise ValueError(f"MODEL.LEVELSET.EVOLUTION_RESOLUTION ({ev}) must be a multiple of, and at least, "
+                         f"MODEL.LEVELSET.TSDF_RESOLUTION ({ts})")
+    if not trunc > 0:
+        raise ValueError(f"MODEL.LEVELSET.TRUNCATION must be > 0 (pixels at EVOLUTION_RESOLUTION), got {trunc}")
+
+
 @ROI_MASK_HEAD_REGISTRY.register()
 class TSDFMaskRCNNHead(nn.Module):
     """
@@ -286,6 +299,7 @@ class TSDFMaskRCNNHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ls = cfg.MODEL.LEVELSET
+        check_tsdf_config(ls)
         conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
         agnostic = ls.CLS_AGNOSTIC or cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK
         return {
@@ -436,6 +450,11 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ls = cfg.MODEL.LEVELSET
+        if ls.NUM_STEPS < 1:
+            raise ValueError(f"MODEL.LEVELSET.NUM_STEPS must be >= 1 (unrolled Chan-Vese steps), got {ls.NUM_STEPS}")
+        for key, allowed in (("HYPERPARAM_MODE", ("adaptive", "global")), ("INFERENCE_TSDF", ("final", "initial"))):
+            if ls[key] not in allowed:
+                raise ValueError(f"MODEL.LEVELSET.{key} must be one of {allowed}, got {ls[key]!r}")
         conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
         ret.update(
             num_steps=ls.NUM_STEPS,
