@@ -5,8 +5,10 @@ PY := .venv/bin/python
 setup:
 	@./tools/setup_env.sh
 
+# One BLAS/OpenMP thread per process: the suite starts multi-process (DDP) runs, and on small
+# machines threads beyond the core count slow tiny models down many times over.
 test: setup
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests
 
 demo: setup
 	$(PY) demo.py
