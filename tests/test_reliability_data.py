@@ -98,6 +98,15 @@ def test_unreadable_image_is_skipped_with_its_name_or_raised_when_strict(tmp_pat
         strict(record)
 
 
+def test_image_whose_size_is_not_the_records_is_skipped_naming_it(tmp_path, caplog):
+    record = _record(_image(tmp_path / "small.jpg"), [_ann(4, (10, 10, 50, 40))], h=200, w=200)
+    mapper = RobustDatasetMapper(LevelSetDatasetMapper(_cfg(), True))
+    with caplog.at_level(logging.WARNING, logger="levelset_rcnn.robust_data"):
+        assert mapper(record) is None
+    assert "small.jpg" in caplog.text and mapper.num_skipped == 1
+    assert "SizeMismatchError" in caplog.text
+
+
 def test_strict_is_a_declared_config_key_off_by_default():
     assert levelset_rcnn.get_cfg().DATALOADER.STRICT is False
 

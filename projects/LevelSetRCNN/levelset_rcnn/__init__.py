@@ -4,6 +4,7 @@ from .config import add_levelset_rcnn_config, get_cfg
 from .mask_head import HighResMaskRCNNHead, LevelSetMaskHead, TSDFMaskRCNNHead
 from .postprocessing import add_polygons, tsdf_to_polygons
 from .evaluation import LevelSetCOCOEvaluator
+from .robust_data import RobustDatasetMapper
 
 from . import backbone as _backbone, data as _data  # noqa: F401  (only registration)
 
@@ -16,4 +17,5 @@ __all__ = [
     "add_polygons",
     "tsdf_to_polygons",
     "LevelSetCOCOEvaluator",
+    "RobustDatasetMapper",
 ]
