@@ -125,3 +125,21 @@ def test_delse_train_loader_skips_an_unusable_instance(tmp_path, caplog):
         batches = [next(it) for _ in range(3)]
     assert all(d["file_name"].endswith("good.png") for b in batches for d in b)
     assert "gone.png" in caplog.text and "annotation id 2" in caplog.text
+
+
+def test_delse_test_loader_leaves_out_images_that_do_not_open(tmp_path, caplog):
+    from delse import build_delse_test_loader
+
+    cv2.imwrite(str(tmp_path / "good.png"), np.full((H, W, 3), 90, np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    square = [[20.0, 20.0, 60.0, 20.0, 60.0, 60.0, 20.0, 60.0]]
+    records = [dict(file_name=str(tmp_path / f), height=H, width=W, image_id=i, annotations=[
+        dict(id=i, bbox=[20, 20, 40, 40], bbox_mode=1, segmentation=square, category_id=0)])
+        for i, f in enumerate(["good.png", "broken.png"])]
+    name = f"reliability_delse_test_{tmp_path.name}"
+    DatasetCatalog.register(name, lambda: records)
+    MetadataCatalog.get(name).set(thing_classes=["x"])
+    with caplog.at_level(logging.WARNING, logger="levelset_rcnn.robust_data"):
+        samples = [b[0] for b in build_delse_test_loader(_cfg("DATALOADER.NUM_WORKERS", 0), name)]
+    assert [s["file_name"] for s in samples] == [str(tmp_path / "good.png")]
+    assert "broken.png" in caplog.text

@@ -20,7 +20,7 @@ import levelset
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import get_detection_dataset_dicts
-from levelset_rcnn.robust_data import RobustDatasetMapper, read_image
+from levelset_rcnn.robust_data import RobustDatasetMapper, read_image, usable_images
 
 logger = logging.getLogger(__name__)
 
@@ -375,9 +375,11 @@ def build_delse_train_loader(cfg):
 
 def build_delse_test_loader(cfg, dataset_name):
     """Loader over every usable instance of ``dataset_name``, one sample per batch."""
-    instances = flatten_instances(DatasetCatalog.get(dataset_name), cfg.INPUT.DELSE.MIN_AREA)
+    # Images that do not open are left out (logged); a failing instance raises naming its file.
+    images = usable_images(DatasetCatalog.get(dataset_name), strict=cfg.DATALOADER.STRICT)
+    instances = flatten_instances(images, cfg.INPUT.DELSE.MIN_AREA)
     return build_detection_test_loader(
         dataset=instances,
-        mapper=DELSEDatasetMapper(cfg, False),
+        mapper=RobustDatasetMapper(DELSEDatasetMapper(cfg, False), strict=True),
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
