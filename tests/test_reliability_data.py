@@ -107,6 +107,18 @@ def test_image_whose_size_is_not_the_records_is_skipped_naming_it(tmp_path, capl
     assert "SizeMismatchError" in caplog.text
 
 
+def test_a_dataset_where_nothing_opens_fails_instead_of_retrying_forever(tmp_path):
+    mapper = RobustDatasetMapper(LevelSetDatasetMapper(_cfg(), True), max_failures_before_success=5)
+    records = [_record(str(tmp_path / f"nope{i}.jpg"), [_ann(i, (10, 10, 50, 40))]) for i in range(5)]
+    assert [mapper(r) for r in records[:4]] == [None] * 4
+    with pytest.raises(BadSampleError, match=r"first 5 samples all failed.*nope4\.jpg.*image root"):
+        mapper(records[4])
+    # Once a sample has worked, failures are skipped however many there are.
+    mapper = RobustDatasetMapper(LevelSetDatasetMapper(_cfg(), True), max_failures_before_success=5)
+    assert mapper(_record(_image(tmp_path / "ok.jpg"), [_ann(1, (10, 10, 50, 40))])) is not None
+    assert all(mapper(r) is None for r in records + records)
+
+
 def test_strict_is_a_declared_config_key_off_by_default():
     assert levelset_rcnn.get_cfg().DATALOADER.STRICT is False
 

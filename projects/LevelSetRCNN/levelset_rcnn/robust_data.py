@@ -191,21 +191,30 @@ class RobustDatasetMapper:
     Before the mapper sees a record its annotations are repaired (:func:`repair_annotations`,
     when ``repair``); a record left without annotations is skipped if ``filter_empty`` (as
     ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` would have done) and kept as a negative otherwise.
+
+    When the first ``max_failures_before_success`` samples all fail, the dataset itself is wrong
+    (image root, file names) and it raises rather than retrying forever. Counts are per data
+    loader worker.
     """
 
     def __init__(self, mapper: Callable, *, strict: bool = False, filter_empty: bool = True,
-                 repair: bool = True):
+                 repair: bool = True, max_failures_before_success: int = 50):
         self.mapper = mapper
         self.strict = strict
         self.filter_empty = filter_empty
         self.repair = repair
+        self.max_failures_before_success = max_failures_before_success
         self.num_skipped = 0
+        self.num_mapped = 0
 
     def _fail(self, message, cause=None):
         if self.strict:
             raise BadSampleError(message + " (DATALOADER.STRICT is on)") from cause
         self.num_skipped += 1
         logger.warning(f"skipping sample ({self.num_skipped} so far): {message}")
+        if self.num_mapped == 0 and self.num_skipped >= self.max_failures_before_success:
+            raise BadSampleError(f"the first {self.num_skipped} samples all failed, the last with: {message}; "
+                                 "check the dataset's image root and file names") from cause
         return None
 
     def __call__(self, record):
@@ -219,9 +228,11 @@ class RobustDatasetMapper:
                 record = repair_annotations(record, height, width)
                 if had and not record["annotations"] and self.filter_empty:
                     return self._fail(f"{_describe(record)}: no usable annotation left")
-            return self.mapper(record)
+            out = self.mapper(record)
         except Exception as e:  # one bad sample must not end a long run
             return self._fail(f"{_describe(record, ann)}: {type(e).__name__}: {e}", e)
+        self.num_mapped += out is not None
+        return out
 
 
 def build_robust_train_loader(cfg, mapper=None):
