@@ -77,8 +77,11 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         super().__init__(input_shape, **kwargs)
         norm = kwargs.get("conv_norm", "")
         S = self.evolution_resolution
-        self.motion_head = ChanVeseFeaturesHead(input_shape.channels, list(dense_conv_dims), 2, S, norm)
-        self.modulation_head = ChanVeseFeaturesHead(input_shape.channels, list(dense_conv_dims), 1, S, norm)
+        width = dense_conv_dims[-1] if len(dense_conv_dims) else input_shape.channels
+        self.motion_head = ChanVeseFeaturesHead(input_shape.channels, list(dense_conv_dims), 2, S, norm,
+                                                deconv_channels=width)
+        self.modulation_head = ChanVeseFeaturesHead(input_shape.channels, list(dense_conv_dims), 1, S, norm,
+                                                    deconv_channels=width)
         self.hyperparameter_head = (
             HyperparameterHead(input_shape.channels, list(hyperparam_conv_dims), hyperparam_fc_dim,
                                steps + 2, norm)

@@ -217,12 +217,16 @@ class ChanVeseFeaturesHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, conv_dims: List[int], embed_channels: int,
-                 resolution: int, conv_norm: str = "", upsample: bool = True):
+                 resolution: int, conv_norm: str = "", upsample: bool = True,
+                 deconv_channels: int = 0):
         super().__init__()
         self.convs, channels = _conv_stack(in_channels, conv_dims, conv_norm)
-        # The deconv already narrows to C channels: 4x cheaper than a C_in-wide one at C = 64.
-        self.deconv = ConvTranspose2d(channels, embed_channels, kernel_size=2, stride=2)
-        self.embedding = Conv2d(embed_channels, embed_channels, kernel_size=1)
+        # By default the deconv already narrows to C channels: 4x cheaper than a C_in-wide one at
+        # C = 64. Heads with very few output channels (DELSE's motion: 2, modulation: 1) pass a
+        # wider ``deconv_channels``, or the ReLU after the deconv would starve them.
+        width = deconv_channels or embed_channels
+        self.deconv = ConvTranspose2d(channels, width, kernel_size=2, stride=2)
+        self.embedding = Conv2d(width, embed_channels, kernel_size=1)
         self.resolution = resolution
         self.upsample = upsample
         weight_init.c2_msra_fill(self.deconv)
