@@ -3,8 +3,8 @@
     .venv/bin/python tools/bench_speed.py [--depth 50] [--dets 50] [--images 4] [--device cpu]
 
 Both models are R-<depth>-FPN built from the COCO configs. LevelSet R-CNN gets Mask R-CNN's
-backbone, RPN and box head weights, and both keep exactly ``--dets`` detections per image (score
-threshold 0), so the mask branches see the same boxes. Each model is measured in its own
+backbone, RPN and box head weights, so both detect the same boxes; the mask branch is also timed
+on exactly ``--dets`` fixed boxes per image (Detectron2's ``detected_instances``). Each model is measured in its own
 subprocess so that peak memory (CPU max RSS; CUDA max allocated) is its own.
 
 Reports per model: inference latency per image, mask-branch time per RoI, training step time
@@ -27,6 +27,9 @@ CONFIGS = {
     "mask_rcnn": REPO / "configs/LevelSetRCNN/mask_rcnn_R_50_FPN_1x_coco.yaml",
     "levelset_rcnn": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_1x_coco.yaml",
 }
+# Random weights: FrozenBN (identity statistics) lets activations blow up through the backbone,
+# so both models use GroupNorm there. The mask heads are unchanged.
+NORM = ["MODEL.RESNETS.NORM", "GN", "MODEL.FPN.NORM", "GN", "MODEL.RESNETS.STRIDE_IN_1X1", "False"]
 
 
 def _sync(device):
@@ -48,9 +51,8 @@ def measure(name, args):
     torch.manual_seed(0)
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(str(CONFIGS[name]))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", str(args.depth),
-                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", str(args.dets),
-                         "MODEL.ROI_HEADS.NMS_THRESH_TEST", "1.0", "MODEL.DEVICE", args.device,
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", str(args.depth), *NORM,
+                         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.DEVICE", args.device,
                          "INPUT.MIN_SIZE_TEST", str(args.size), "INPUT.MIN_SIZE_TRAIN", f"({args.size},)"])
     if args.depth < 50:
         cfg.merge_from_list(["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
@@ -78,18 +80,35 @@ def measure(name, args):
     model.roi_heads.mask_head.register_forward_pre_hook(pre)
     model.roi_heads.mask_head.register_forward_hook(post)
 
+    def fixed_detections(x, n):
+        """n seeded boxes in the resized image, the same for both models."""
+        from detectron2.structures import Boxes, Instances
+
+        H, W = x["image"].shape[1:]
+        g = torch.Generator().manual_seed(0)
+        size = (torch.rand(n, 2, generator=g) * 0.3 + 0.05) * torch.tensor([W, H])
+        xy = torch.rand(n, 2, generator=g) * (torch.tensor([W, H]) - size)
+        inst = Instances((H, W))
+        inst.pred_boxes = Boxes(torch.cat([xy, xy + size], 1).to(args.device))
+        inst.pred_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (n,), generator=g).to(args.device)
+        inst.scores = torch.ones(n, device=args.device)
+        return inst
+
     model.eval()
     with torch.no_grad():
         model([test_inputs[0]])  # warm-up
-        mask_time[:] = [0.0, 0]
-        times = []
-        for x in test_inputs:
+        times, num_dets = [], []
+        for x in test_inputs:  # the whole pipeline, with the detections the shared weights give
             _sync(args.device)
             t0 = time.perf_counter()
             out = model([x])
             _sync(args.device)
             times.append(time.perf_counter() - t0)
-            assert len(out[0]["instances"]) == args.dets, len(out[0]["instances"])
+            num_dets.append(len(out[0]["instances"]))
+        mask_time[:] = [0.0, 0]
+        for x in test_inputs:  # the mask branch on exactly args.dets fixed boxes per image
+            out = model.inference([x], detected_instances=[fixed_detections(x, args.dets)])
+            assert len(out[0]["instances"]) == args.dets
     infer_ms = 1000 * float(np.median(times))
     per_roi_ms = 1000 * mask_time[0] / max(mask_time[1], 1)
 
@@ -109,7 +128,10 @@ def measure(name, args):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     batches = [[train_mapper(dict(d)) for d in dataset[i: i + 2]] for i in range(0, len(dataset) - 1, 2)]
+    from detectron2.utils.events import EventStorage
+
     steps = []
+    storage = EventStorage(0).__enter__()  # the heads log metrics during training
     for i in range(args.train_steps + 1):
         batch = batches[i % len(batches)]
         _sync(args.device)
@@ -129,7 +151,7 @@ def measure(name, args):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(dict(infer_ms=infer_ms, per_roi_ms=per_roi_ms, step_ms=step_ms,
+    print("RESULT " + json.dumps(dict(infer_ms=infer_ms, per_roi_ms=per_roi_ms, step_ms=step_ms, dets=num_dets,
                                       target_share=target_share, peak_mb=peak_mb)))
 
 
@@ -156,7 +178,7 @@ def main():
     torch.manual_seed(0)
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(str(CONFIGS["mask_rcnn"]))
-    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", str(args.depth), "MODEL.DEVICE", "cpu"]
+    cfg.merge_from_list(["MODEL.RESNETS.DEPTH", str(args.depth), "MODEL.DEVICE", "cpu", *NORM]
                         + (["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"] if args.depth < 50 else []))
     state = {k: v for k, v in build_model(cfg).state_dict().items() if not k.startswith("roi_heads.mask_head")}
     weights = Path("/tmp") / f"bench_speed_shared_R{args.depth}.pth"
@@ -174,8 +196,11 @@ def main():
         results[name] = json.loads(line[0][len("RESULT "):])
     m, l = results["mask_rcnn"], results["levelset_rcnn"]
     mem = "CUDA max allocated" if args.device == "cuda" else "CPU max RSS"
-    print(f"\nR-{args.depth}-FPN, {args.images} COCO val2017 images (short side {args.size}), {args.dets} detections "
-          f"per image, device {args.device}, torch threads {torch.get_num_threads()}\n")
+    assert m["dets"] == l["dets"], (m["dets"], l["dets"])  # shared weights: the same detections
+    print(f"\nR-{args.depth}-FPN, {args.images} COCO val2017 images (short side {args.size}), device {args.device}, "
+          f"torch threads {torch.get_num_threads()}, GroupNorm backbone (random weights). Inference: the whole model with the detections of the shared "
+          f"(seeded, untrained) backbone/RPN/box weights, {m['dets']} per image for both models; mask branch: "
+          f"{args.dets} fixed boxes per image.\n")
     print("| | Mask R-CNN | LevelSet R-CNN | ratio |\n|---|---|---|---|")
     for key, label, fmt in [("infer_ms", "inference per image (ms)", "{:.0f}"),
                             ("per_roi_ms", "mask branch per RoI (ms)", "{:.2f}"),
