@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LEVELSET_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -25,3 +26,13 @@ def coco_sample_dir() -> Path:
 def dsb2018_dir() -> Path:
     """DSB2018 nuclei: images/, train.json, dev.json (COCO RLE masks)."""
     return _require(SHARED_DATA / "dsb2018")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread, as `make test` sets OMP_NUM_THREADS=1: the suite's tiny models and
+    multi-process runs are many times slower when threads outnumber a small machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

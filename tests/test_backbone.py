@@ -21,15 +21,6 @@ from levelset_rcnn.backbone.wide_resnet import IdentityResidualBlock
 TINY_WRN = dict(structure=[1, 1, 1, 1, 1, 1], width_divisor=16, norm="BN")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only contend with each other (4x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registered():
     for name in [
         "build_wide_resnet38_backbone", "build_wide_resnet38_fpn_backbone",

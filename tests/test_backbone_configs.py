@@ -35,15 +35,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only contend with each other (4x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_cfg(name, *opts):
     cfg = levelset_rcnn.get_cfg()
     if "WRN" not in cfg.MODEL:  # until levelset_rcnn's config declares the backbone keys itself

@@ -10,14 +10,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/DELSE/tiny_delse_mask_head_synthetic.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(**overrides):
     import levelset_rcnn
 

@@ -24,7 +24,6 @@ from levelset_rcnn.robust_data import (
     repair_annotations,
 )
 
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "LevelSetRCNN" / "tiny_levelset_rcnn_synthetic.yaml"

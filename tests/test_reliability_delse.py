@@ -13,7 +13,6 @@ import levelset_rcnn
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "DELSE" / "tiny_delse_coco_sample.yaml"

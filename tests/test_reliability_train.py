@@ -19,7 +19,6 @@ from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from levelset_rcnn.config import check_registered_names
 
-torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "LevelSetRCNN" / "tiny_levelset_rcnn_synthetic.yaml"
