@@ -25,12 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+from _benchmarks import update_section
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "DELSE": REPO / "configs/DELSE/delse_R_18_dsb2018.yaml",
     "Pixel-wise (DEXTR-style)": REPO / "configs/DELSE/pixel_wise_R_18_dsb2018.yaml",
 }
-BEGIN, END = "<!-- bench_delse:begin -->", "<!-- bench_delse:end -->"
 
 
 def slug(name):
@@ -163,14 +164,7 @@ def main():
     (Path(args.output_dir) / "results.md").write_text(table + "\n")
     print(table)
     if args.update_benchmarks:
-        path = REPO / "BENCHMARKS.md"
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + text[text.index(END):]
-            path.write_text(text)
-            print(f"updated {path}")
-        else:
-            print(f"markers {BEGIN} / {END} not found in {path}; table left in {args.output_dir}/results.md")
+        update_section("bench_delse", table, Path(args.output_dir) / "results.md")
 
 
 if __name__ == "__main__":

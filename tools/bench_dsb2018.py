@@ -20,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from _benchmarks import update_section
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "Mask R-CNN": REPO / "configs/LevelSetRCNN/mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
     "LevelSet R-CNN": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_18_FPN_GN_dsb2018.yaml",
 }
-BEGIN, END = "<!-- bench_dsb2018:begin -->", "<!-- bench_dsb2018:end -->"
 
 
 def start(cmd, log_path, threads=None):
@@ -130,14 +131,7 @@ def main():
     (Path(args.output_dir) / "results.md").write_text(table + "\n")
     print(table)
     if args.update_benchmarks:
-        path = REPO / "BENCHMARKS.md"
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + text[text.index(END):]
-            path.write_text(text)
-            print(f"updated {path}")
-        else:
-            print(f"markers {BEGIN} / {END} not found in {path}; table left in {args.output_dir}/results.md")
+        update_section("bench_dsb2018", table, Path(args.output_dir) / "results.md")
 
 
 if __name__ == "__main__":
