@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import defaultdict
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -182,13 +182,18 @@ def boundary_f_curve(pred: np.ndarray, gt: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # DAVIS region measure and summary statistics
 # ---------------------------------------------------------------------------------------------
-def jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Region similarity J = |pred ∩ gt| / |pred ∪ gt| of (H, W) masks; 1 if both are empty."""
+def jaccard(pred: np.ndarray, gt: np.ndarray, void: Optional[np.ndarray] = None) -> float:
+    """Region similarity J = |pred ∩ gt| / |pred ∪ gt| of (H, W) masks; 1 if both are empty.
+
+    ``void``: optional (H, W) mask of pixels left out of both counts (PASCAL's void band, as in
+    DEXTR's evaluation).
+    """
     pred, gt = np.asarray(pred) > 0, np.asarray(gt) > 0
-    union = np.logical_or(pred, gt).sum()
+    keep = True if void is None else ~(np.asarray(void) > 0)
+    union = (np.logical_or(pred, gt) & keep).sum()
     if union == 0:
         return 1.0
-    return float(np.logical_and(pred, gt).sum() / union)
+    return float((np.logical_and(pred, gt) & keep).sum() / union)
 
 
 def davis_measures(ious: Sequence[float], fs: Sequence[float]) -> Dict[str, float]:

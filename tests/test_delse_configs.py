@@ -10,7 +10,8 @@ CONFIGS = sorted(p.name for p in (REPO / "configs/DELSE").glob("*.yaml"))
 
 
 def test_paper_configs_are_there():
-    for name in ["delse_R_101_pascal_sbd.yaml", "delse_R_101_cityscapes_stretching.yaml",
+    for name in ["delse_R_101_pascal_sbd.yaml", "delse_R_101_pascal_voc2012.yaml",
+                 "delse_R_101_cityscapes_stretching.yaml", "delse_R_101_cityscapes_10cities.yaml",
                  "delse_R_101_cityscapes_hard.yaml", "delse_R_101_davis2016.yaml",
                  "delse_R_18_dsb2018.yaml", "delse_R_18_coco_sample.yaml",
                  "delse_mask_head_R_50_FPN_cityscapes.yaml"]:
@@ -27,6 +28,10 @@ def test_config_builds(name):
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(str(REPO / "configs/DELSE" / name))
     cfg.MODEL.DEVICE = "cpu"
+    from detectron2.data import DatasetCatalog
+
+    for dataset in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST:  # registered by the imports above
+        assert dataset in DatasetCatalog.list(), dataset
     if cfg.MODEL.META_ARCHITECTURE == "DELSE":
         assert cfg.MODEL.DELSE.PHASE in ("pretrain", "joint")
         assert cfg.INPUT.DELSE.CROP_MODE in ("stretch", "square")

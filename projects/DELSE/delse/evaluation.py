@@ -22,30 +22,31 @@ logger = logging.getLogger(__name__)
 __all__ = ["DELSEEvaluator", "instance_scores", "threshold_ious", "search_threshold"]
 
 
-def instance_scores(pred, gt, tolerances):
-    """Per-instance measures of one (H, W) prediction against its (H, W) GT mask.
+def instance_scores(pred, gt, tolerances, void=None):
+    """Per-instance measures of one (H, W) prediction against its (H, W) GT mask; the pixels of
+    the optional (H, W) ``void`` mask are left out of the IoU (DEXTR's PASCAL protocol).
 
     Returns:
         dict: ``iou``, ``f_curve`` (F at each tolerance in pixels) and ``f_davis`` (F at DAVIS's
         official tolerance, 0.8 % of the image diagonal).
     """
     return {
-        "iou": metrics.jaccard(pred, gt),
+        "iou": metrics.jaccard(pred, gt, void),
         "f_curve": metrics.boundary_f_curve(pred, gt, tolerances).tolist(),
         "f_davis": metrics.boundary_f_measure(pred, gt, metrics.DAVIS_TOLERANCE)[2],
     }
 
 
-def threshold_ious(scores, gt, thresholds):
+def threshold_ious(scores, gt, thresholds, void=None):
     """IoU of ``scores > t`` against ``gt`` for every threshold.
 
     Args:
         scores: (H, W) float array (phi_T or a probability, pasted onto the image); gt: (H, W)
-        bool; thresholds: sequence of T floats.
+        bool; thresholds: sequence of T floats; void: optional (H, W) bool, pixels left out.
     Returns:
         (T,) float array.
     """
-    return np.array([metrics.jaccard(scores > t, gt) for t in thresholds])
+    return np.array([metrics.jaccard(scores > t, gt, void) for t in thresholds])
 
 
 def search_threshold(ious, thresholds):
@@ -106,10 +107,12 @@ class DELSEEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs):
         for x, out in zip(inputs, outputs):
             gt = decode_mask(x["annotation"]["segmentation"], x["height"], x["width"])
+            void = (decode_mask(x["void_segmentation"], x["height"], x["width"])
+                    if "void_segmentation" in x else None)  # PASCAL (delse.datasets)
             rec = {"instance_id": x.get("instance_id"), "category_id": int(x.get("category_id", 0))}
-            rec.update(instance_scores(out["mask"].cpu().numpy(), gt, self.tolerances))
+            rec.update(instance_scores(out["mask"].cpu().numpy(), gt, self.tolerances, void))
             rec["corrections"] = [
-                instance_scores(c["mask"].cpu().numpy(), gt, self.tolerances)
+                instance_scores(c["mask"].cpu().numpy(), gt, self.tolerances, void)
                 for c in out.get("corrections", [])
             ]
             if self.threshold_search:
@@ -117,7 +120,7 @@ class DELSEEvaluator(DatasetEvaluator):
                 grid = self.thresholds[kind]
                 scores = paste_scores(out[kind][0], x["crop_box"], x["height"], x["width"], min(grid) - 1.0)
                 rec["threshold_kind"] = kind
-                rec["threshold_ious"] = threshold_ious(scores, gt, grid).tolist()
+                rec["threshold_ious"] = threshold_ious(scores, gt, grid, void).tolist()
             self._records.append(rec)
 
     def evaluate(self):
