@@ -170,3 +170,16 @@ def test_cityscapes_polyrnn_split_by_city(monkeypatch):
     assert city(datasets.load_cityscapes_polyrnn("/cs", "train_10cities")) == ["aachen", "bremen"]
     assert city(datasets.load_cityscapes_polyrnn("/cs", "train_6cities")) == ["ulm"]
     assert len(datasets.load_cityscapes_polyrnn("/cs", "test")) == 5
+
+
+def test_coco_sample_folds_partition_the_images(coco_sample_dir):
+    import levelset_rcnn  # noqa: F401  (registers the folds)
+
+    all_ids = {r["image_id"] for r in DatasetCatalog.get("coco_sample_val2017")}
+    tests = []
+    for k in (0, 1):
+        train = {r["image_id"] for r in DatasetCatalog.get(f"coco_sample_val2017_fold{k}_train")}
+        test = {r["image_id"] for r in DatasetCatalog.get(f"coco_sample_val2017_fold{k}_test")}
+        assert train and test and not train & test and train | test == all_ids
+        tests.append(test)
+    assert not tests[0] & tests[1] and len(tests[0]) == len(tests[1]) == len(all_ids) // 2

@@ -1,4 +1,5 @@
-"""Real-data DELSE benchmark: DELSE vs the pixel-wise (DEXTR-style) baseline on DSB2018 nuclei.
+"""Real-data DELSE benchmark: DELSE vs the pixel-wise (DEXTR-style) baseline on DSB2018 nuclei or
+on the 10-image COCO val2017 sample.
 
 Both models share the encoder (R-18 with GroupNorm, from scratch), skip features, PSP branches,
 128 px crops of the box + 10 px, extreme-point heatmap, seed, schedule and budget
@@ -11,11 +12,16 @@ the baseline a drag is an extra click, as in DEXTR), and the mIoU at the mask th
 on the same instances (the paper's protocol; optimistic). --noise adds rows evaluated with
 noisy clicks (Table 7: each click moved by U[-n, n] x the box side).
 
+--dataset coco_sample: the same comparison on real photos (configs/DELSE/{delse,pixel_wise}_R_18_
+coco_sample.yaml), by 2-fold cross-validation over the sample's images (train on 5 images, test on
+the other 5, swap; the scores of both held-out halves are pooled), since the sample is all there is.
+
     .venv/bin/python tools/bench_delse.py                       # the configs' budget (3000 iters)
     .venv/bin/python tools/bench_delse.py --iters 300 --eval-instances 300 --noise 0.05 0.1
+    .venv/bin/python tools/bench_delse.py --dataset coco_sample --iters 500
 
-Writes the table to output/bench_delse/results.md and, with --update-benchmarks, into
-BENCHMARKS.md between the markers of its section.
+Writes the table to output/bench_delse[_coco_sample]/results.md and, with --update-benchmarks, into
+BENCHMARKS.md between the markers of its section (bench_delse / bench_delse_coco_sample).
 """
 import argparse
 import json
@@ -28,10 +34,14 @@ from pathlib import Path
 from _benchmarks import update_section
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "DELSE": REPO / "configs/DELSE/delse_R_18_dsb2018.yaml",
-    "Pixel-wise (DEXTR-style)": REPO / "configs/DELSE/pixel_wise_R_18_dsb2018.yaml",
+DATASETS = {  # --dataset -> (the two configs, [(train dataset, test dataset)] or None: the configs')
+    "dsb2018": ({"DELSE": REPO / "configs/DELSE/delse_R_18_dsb2018.yaml",
+                 "Pixel-wise (DEXTR-style)": REPO / "configs/DELSE/pixel_wise_R_18_dsb2018.yaml"}, None),
+    "coco_sample": ({"DELSE": REPO / "configs/DELSE/delse_R_18_coco_sample.yaml",
+                     "Pixel-wise (DEXTR-style)": REPO / "configs/DELSE/pixel_wise_R_18_coco_sample.yaml"},
+                    [(f"coco_sample_val2017_fold{k}_train", f"coco_sample_val2017_fold{k}_test") for k in (0, 1)]),
 }
+CONFIGS = DATASETS["dsb2018"][0]  # set by main() from --dataset
 
 
 def slug(name):
@@ -60,9 +70,16 @@ def train_opts(args, name, out_dir):
     return [str(o) for o in opts + list(args.opts)]
 
 
-def train(args, name, out_dir, log_path):
+def fold_opts(fold):
+    """Config overrides selecting a (train, test) dataset pair; none for the configs' own."""
+    if fold is None:
+        return []
+    return ["DATASETS.TRAIN", f"('{fold[0]}',)", "DATASETS.TEST", f"('{fold[1]}',)"]
+
+
+def train(args, name, out_dir, log_path, fold=None):
     cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name],
-           *train_opts(args, name, out_dir), "DATASETS.TEST", "()"]
+           *train_opts(args, name, out_dir), *fold_opts(fold), "DATASETS.TEST", "()"]
     print("$", " ".join(str(c) for c in cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     with open(log_path, "w") as log:
@@ -76,8 +93,13 @@ def train(args, name, out_dir, log_path):
             raise SystemExit(f"training failed ({proc.returncode}); see {log_path}")
 
 
-def evaluate(args, name, out_dir, noise=0.0):
-    """Scores of model_final.pth on the (subset of the) dev instances; returns (results, seconds)."""
+def evaluate(args, name, out_dir, noise=0.0, fold=None):
+    """Per-instance scores of model_final.pth on the (subset of the) test instances.
+
+    Returns:
+        (records, evaluator, seconds): the DELSEEvaluator's per-instance records, the evaluator
+        (its tolerances and threshold grids summarise them) and the wall time.
+    """
     import numpy as np
     import torch
 
@@ -88,7 +110,7 @@ def evaluate(args, name, out_dir, noise=0.0):
     from delse import DELSEDatasetMapper, DELSEEvaluator, flatten_instances
 
     torch.set_num_threads(args.threads)
-    cfg = load_cfg(name, train_opts(args, name, out_dir) + ["INPUT.DELSE.EXTREME_POINT_NOISE", noise])
+    cfg = load_cfg(name, train_opts(args, name, out_dir) + fold_opts(fold) + ["INPUT.DELSE.EXTREME_POINT_NOISE", noise])
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(Path(out_dir) / "model_final.pth"))
     model.eval()
@@ -104,41 +126,59 @@ def evaluate(args, name, out_dir, noise=0.0):
         for i in range(0, len(instances), 8):
             inputs = [mapper(x) for x in instances[i: i + 8]]
             evaluator.process(inputs, model(inputs))
-    res = dict(evaluator.evaluate()["delse"])
-    res["num_instances"] = len(instances)
+    return evaluator._records, evaluator, time.time() - t0
+
+
+def summarize(records, evaluator, pixel_wise):
+    """The evaluator's summary of pooled per-instance records (+ the instance count and whether the
+    searched threshold sits at the edge of its grid)."""
+    res = dict(evaluator.summarize(records, evaluator.tolerances, evaluator.thresholds))
+    res["num_instances"] = len(records)
     if "best_threshold" in res:
-        grid = evaluator.thresholds["prob" if cfg.MODEL.DELSE.PIXEL_WISE else "phi"]
+        grid = evaluator.thresholds["prob" if pixel_wise else "phi"]
         res["threshold_at_grid_edge"] = res["best_threshold"] in (min(grid), max(grid))
-    return res, time.time() - t0
+    return res
 
 
 def main():
+    global CONFIGS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=3000, help="training iterations of each model")
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="dsb2018")
+    ap.add_argument("--iters", type=int, default=3000, help="training iterations of each model (each fold)")
     ap.add_argument("--eval-instances", type=int, default=0,
-                    help="evaluate an evenly spaced subset of this many dev instances (0: all)")
+                    help="evaluate an evenly spaced subset of this many test instances (0: all)")
     ap.add_argument("--noise", type=float, nargs="*", default=[],
                     help="also evaluate with clicks moved by U[-n, n] x the box side (e.g. 0.05 0.1)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each run")
-    ap.add_argument("--output-dir", default=str(REPO / "output/bench_delse"))
+    ap.add_argument("--output-dir", default="", help="default: output/bench_delse[_coco_sample]")
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
     ap.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides for every run (KEY VALUE ...)")
     args = ap.parse_args()
+    CONFIGS, folds = DATASETS[args.dataset]
+    suffix = "" if args.dataset == "dsb2018" else f"_{args.dataset}"
+    args.output_dir = args.output_dir or str(REPO / f"output/bench_delse{suffix}")
     os.makedirs(args.output_dir, exist_ok=True)
 
     rows, times = [], {}
     for name in CONFIGS:
-        out_dir = os.path.join(args.output_dir, slug(name))
-        if not args.skip_train:
-            t0 = time.time()
-            train(args, name, out_dir, Path(args.output_dir) / f"{slug(name)}.train.log")
-            times[f"train {name}"] = time.time() - t0
-        for noise in [0.0] + list(args.noise):
-            res, sec = evaluate(args, name, out_dir, noise)
+        pooled = {}  # noise -> per-instance records of every fold
+        for k, fold in enumerate(folds or [None]):
+            tag = slug(name) + (f"_fold{k}" if fold else "")
+            out_dir = os.path.join(args.output_dir, tag)
+            if not args.skip_train:
+                t0 = time.time()
+                train(args, name, out_dir, Path(args.output_dir) / f"{tag}.train.log", fold)
+                times[f"train {name}" + (f" fold {k}" if fold else "")] = time.time() - t0
+            for noise in [0.0] + list(args.noise):
+                records, evaluator, sec = evaluate(args, name, out_dir, noise, fold)
+                pooled.setdefault(noise, []).extend(records)
+                label = name if noise == 0 else f"{name}, clicks ±{100 * noise:g}%"
+                times[f"eval {label}"] = times.get(f"eval {label}", 0.0) + sec
+        for noise, records in pooled.items():
             label = name if noise == 0 else f"{name}, clicks ±{100 * noise:g}%"
-            times[f"eval {label}"] = sec
+            res = summarize(records, evaluator, "Pixel" in name)
             rows.append((label, res))
             print(label, json.dumps(res), flush=True)
     (Path(args.output_dir) / "results.json").write_text(json.dumps({"rows": rows, "seconds": times}, indent=1))
@@ -153,18 +193,20 @@ def main():
         lines.append(f"| {label} | {f(r, 'mIoU')} | {f(r, 'F@1px')} | {f(r, 'F@2px')} | {f(r, 'mIoU')} "
                      f"| {f(r, 'mIoU@1drag')} | {f(r, 'mIoU@2drag')} | {thr} |")
     n_eval = rows[0][1]["num_instances"]
+    where = ("dsb2018_dev instances" if not folds else
+             f"held-out {args.dataset} instances, pooled over {len(folds)} folds by image")
     cmd = "tools/bench_delse.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
     wall = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
     table = "\n".join([
         f"Command: `.venv/bin/python {cmd.strip()}`  ",
-        f"Budget: {args.iters} iterations of batch 8 per model (DELSE: the configs' 1/3 of them "
-        f"pre-training), seed {args.seed}, {args.threads} torch thread(s); evaluated on {n_eval} "
-        f"dsb2018_dev instances{' (evenly spaced subset)' if args.eval_instances else ''}.  ",
+        f"Budget: {args.iters} iterations of batch 8 per model{' and fold' if folds else ''} (DELSE: the "
+        f"configs' share of them pre-training), seed {args.seed}, {args.threads} torch thread(s); evaluated "
+        f"on {n_eval} {where}{' (evenly spaced subset)' if args.eval_instances else ''}.  ",
         f"Wall time: {wall}.", "", *lines])
     (Path(args.output_dir) / "results.md").write_text(table + "\n")
     print(table)
     if args.update_benchmarks:
-        update_section("bench_delse", table, Path(args.output_dir) / "results.md")
+        update_section(f"bench_delse{suffix}", table, Path(args.output_dir) / "results.md")
 
 
 if __name__ == "__main__":

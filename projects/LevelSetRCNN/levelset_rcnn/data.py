@@ -7,6 +7,9 @@ Datasets of this repository, registered (lazily: importing touches no disk) on i
 - ``dsb2018_train`` / ``dsb2018_dev``: DSB2018 nuclei (RLE masks) from the shared data folder.
 - ``coco_sample_val2017``: 10 real COCO val2017 images with the official annotations and the 80
   official category ids (same metadata as Detectron2's ``coco_2017_val``).
+- ``coco_sample_val2017_fold{0,1}_{train,test}``: 2-fold cross-validation by image of that sample
+  (fold k tests on the images at even / odd positions in image-id order and trains on the others), for
+  honest held-out numbers on real photos (DELSE's comparison, ``tools/bench_delse.py``).
 
 The shared data folder is ``$LEVELSET_SHARED_DATA`` (default ``<repo>/../shared/data``). COCO,
 Cityscapes and LVIS (including ``lvis_v0.5_val_cocofied``) are Detectron2's builtin datasets,
@@ -19,7 +22,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
-__all__ = ["shared_data_root", "synthetic_root", "prepare_dataset", "SYNTHETIC_SPLITS"]
+__all__ = ["shared_data_root", "synthetic_root", "prepare_dataset", "image_fold", "SYNTHETIC_SPLITS"]
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -80,6 +83,13 @@ def _register_coco_json(name: str, json_file: Path, image_root: Path, **metadata
     )
 
 
+def image_fold(records, fold: int, num_folds: int, split: str):
+    """Cross-validation by image: sorted by image id, the images at positions ``i % num_folds == fold``
+    are the ``"test"`` split of that fold, the others its ``"train"`` split."""
+    records = sorted(records, key=lambda r: r["image_id"])
+    return [r for i, r in enumerate(records) if (i % num_folds == fold) == (split == "test")]
+
+
 def prepare_dataset(name: str) -> None:
     """Create a dataset's files if this repository generates them (the synthetic splits)."""
     if name in SYNTHETIC_SPLITS:
@@ -104,6 +114,13 @@ def register_all() -> None:
         _register_coco_json(
             "coco_sample_val2017", coco / "instances_val2017_subset.json", coco / "images", **meta
         )
+    for fold in (0, 1):
+        for split in ("train", "test"):
+            name = f"coco_sample_val2017_fold{fold}_{split}"
+            if name not in DatasetCatalog.list():
+                DatasetCatalog.register(name, lambda f=fold, s=split: image_fold(
+                    DatasetCatalog.get("coco_sample_val2017"), f, 2, s))
+                MetadataCatalog.get(name).set(**_get_builtin_metadata("coco"))
 
 
 register_all()
