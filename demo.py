@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """
-LevelSet R-CNN demo.
+LevelSet R-CNN and DELSE demo.
 
     python demo.py
         Generate the synthetic shapes (if missing), train a tiny LevelSet R-CNN on CPU for a few
         minutes, evaluate it (COCO segm AP, boundary metrics) and write prediction overlays
-        (masks + sub-pixel zero level sets) to output/demo/.
+        (masks + sub-pixel zero level sets) to output/demo/. Then train a tiny DELSE on the same
+        shapes, evaluate it (mIoU, boundary F, IoU after simulated drags) and write annotation
+        pictures to output/demo/delse/: the four extreme clicks and DELSE's contour, then the
+        simulated annotator's drag and the corrected contour. --skip-delse leaves DELSE out.
 
     python demo.py --input img1.jpg img2.png --config-file <cfg.yaml> --weights <model.pth>
         Overlays of a trained model's predictions on your own images.
@@ -28,7 +31,10 @@ from detectron2.utils.visualizer import Visualizer
 
 REPO = Path(__file__).resolve().parent
 DEMO_CONFIG = REPO / "configs" / "LevelSetRCNN" / "tiny_levelset_rcnn_synthetic.yaml"
+DELSE_DEMO_CONFIG = REPO / "configs" / "DELSE" / "demo_delse_synthetic.yaml"
 CONTOUR_COLOR = (1.0, 1.0, 0.0)
+# BGR colours of the DELSE pictures.
+GT_BGR, PRED_BGR, CLICK_BGR, DRAG_BGR = (0, 255, 0), (0, 230, 255), (60, 60, 255), (255, 200, 0)
 
 
 def overlay(image_bgr, instances, metadata, ground_truth=None):
@@ -134,6 +140,111 @@ def train_and_evaluate(args):
           f"--weights {weights}")
 
 
+def _draw_polygons(canvas, polygons, scale, color):
+    for poly in polygons:
+        pts = np.round((np.asarray(poly) + 0.5) * scale - 0.5).astype(np.int32)  # pixel centres
+        cv2.polylines(canvas, [pts.reshape(-1, 1, 2)], True, color, 1, cv2.LINE_AA)
+
+
+def delse_picture(image_bgr, gt_mask, points, first, drag, corrected, scale=4):
+    """Two panels, BGR uint8: clicks + DELSE's contour | the drag + the corrected contour; the GT
+    contour in green in both. ``points``: (4, 2) image (x, y); ``first``/``corrected``:
+    DELSEResult; ``drag``: (from_xy, to_xy) in image pixels or None."""
+    from levelset.metrics import jaccard
+
+    x0, y0, x1, y1 = [int(v) for v in np.round(first.crop_box)]
+    H, W = gt_mask.shape
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+    gt_contours = _mask_contours(gt_mask)
+    panels = []
+    for k, result in enumerate((first, corrected)):
+        canvas = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        _draw_polygons(canvas, gt_contours, scale, GT_BGR)
+        _draw_polygons(canvas, result.polygons, scale, PRED_BGR)
+        if k == 0:
+            for x, y in points:
+                cv2.circle(canvas, (int((x + 0.5) * scale), int((y + 0.5) * scale)), 4, CLICK_BGR, -1, cv2.LINE_AA)
+        elif drag is not None:
+            (fx, fy), (tx, ty) = drag
+            cv2.arrowedLine(canvas, (int((fx + 0.5) * scale), int((fy + 0.5) * scale)),
+                            (int((tx + 0.5) * scale), int((ty + 0.5) * scale)), DRAG_BGR, 2, cv2.LINE_AA, tipLength=0.3)
+        m = 4 * scale  # a little context around the crop
+        panel = canvas[max(y0 * scale - m, 0): y1 * scale + m, max(x0 * scale - m, 0): x1 * scale + m].copy()
+        label = f"{'4 clicks' if k == 0 else '+1 drag' if drag is not None else 'no drag needed'}: IoU {100 * jaccard(result.mask, gt_mask):.1f}"
+        cv2.putText(panel, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
+        panels.append(panel)
+    h = max(p.shape[0] for p in panels)
+    panels = [cv2.copyMakeBorder(p, 0, h - p.shape[0], 0, 6, cv2.BORDER_CONSTANT, value=(255, 255, 255)) for p in panels]
+    return np.concatenate(panels, axis=1)
+
+
+def _mask_contours(mask):
+    """(H, W) bool -> list of (K, 2) float (x, y) sub-pixel contours of the mask."""
+    from skimage import measure
+
+    return [c[:, ::-1] - 1.0 for c in measure.find_contours(np.pad(mask.astype(np.float64), 1), 0.5)]
+
+
+def train_and_show_delse(args):
+    """Train the demo DELSE, evaluate it, and draw click -> contour -> drag -> contour pictures."""
+    import delse
+    from delse.data import decode_mask, extreme_points, warp_to_crop, points_to_image
+    from delse.interactive import simulate_correction
+    from train_net import Trainer
+
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(DELSE_DEMO_CONFIG))
+    cfg.merge_from_list(["OUTPUT_DIR", os.path.join(args.output, "delse"), "MODEL.DEVICE", "cpu",
+                         *args.delse_opts])
+    cfg.freeze()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+    start = time.time()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()  # ends with DELSEEvaluator on synthetic_shapes_val
+    results = (trainer._last_eval_results or {}).get("delse", {})
+    minutes = (time.time() - start) / 60
+
+    pred_cfg = cfg.clone()
+    pred_cfg.defrost()
+    pred_cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    predictor = delse.DELSEPredictor(pred_cfg)
+    pictures, S = [], cfg.INPUT.DELSE.INPUT_SIZE
+    for record in DatasetCatalog.get(cfg.DATASETS.TEST[0]):
+        if len(pictures) >= args.num_overlays:
+            break
+        image = cv2.imread(record["file_name"])
+        H, W = image.shape[:2]
+        # The largest object of the image: an annotator's clicks are its extreme points.
+        masks = [decode_mask(a["segmentation"], H, W) for a in record["annotations"] if not a.get("iscrowd", 0)]
+        if not masks:
+            continue
+        gt = max(masks, key=lambda m: m.sum())
+        points = extreme_points(gt)
+        first = predictor.predict(image, points)
+        # The simulated annotator (section 4.4) drags the worst boundary point onto the GT.
+        gt_crop = torch.from_numpy(warp_to_crop(gt.astype(np.float32), first.crop_box, S) >= 0.5)
+        drag = simulate_correction(torch.from_numpy(first.phi), gt_crop) if gt_crop.any() else None
+        corrected = first
+        if drag is not None:
+            drag = points_to_image(torch.stack(drag).numpy(), first.crop_box, S)
+            corrected = predictor.correct(drag[0], drag[1])
+        out = os.path.join(cfg.OUTPUT_DIR, f"delse_{Path(record['file_name']).stem}.png")
+        cv2.imwrite(out, delse_picture(image, gt, points, first, drag, corrected))
+        pictures.append(out)
+
+    print("\n=== DELSE demo ===")
+    print(f"trained {cfg.SOLVER.MAX_ITER} iterations + evaluation in {minutes:.1f} min")
+    if results:
+        print(f"on {cfg.DATASETS.TEST[0]}: mIoU {results['mIoU']:.1f}, F@1px {results['F@1px']:.1f}, "
+              f"F@2px {results['F@2px']:.1f}; mIoU after 1 / 2 simulated drags "
+              f"{results.get('mIoU@1drag', float('nan')):.1f} / {results.get('mIoU@2drag', float('nan')):.1f}")
+    print(f"pictures: {len(pictures)} PNGs in {cfg.OUTPUT_DIR} (green GT, yellow DELSE contour, red clicks, "
+          "blue drag; left 4 clicks, right after one drag)")
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--input", nargs="+", help="images to run a trained model on")
@@ -144,6 +255,8 @@ def get_parser():
     parser.add_argument("--iters", type=int, default=250,
                         help="training iterations (demo mode; ~0.5-1.3 s each on 2 CPU cores)")
     parser.add_argument("--num-overlays", type=int, default=8, help="validation overlays (demo mode)")
+    parser.add_argument("--skip-delse", action="store_true", help="demo mode: LevelSet R-CNN only")
+    parser.add_argument("--delse-opts", nargs="*", default=[], help="config overrides KEY VALUE of the DELSE demo")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE")
     return parser
 
@@ -158,6 +271,8 @@ def main():
         run_on_images(args)
     else:
         train_and_evaluate(args)
+        if not args.skip_delse:
+            train_and_show_delse(args)
 
 
 if __name__ == "__main__":
