@@ -186,6 +186,18 @@ def direction_loss(motion, gt_direction):
 
 
 # ------------------------------------------------------------------------------- meta-arch
+def _log_single_loss(losses):
+    """Detectron2's trainer logs a loss dict of one term only as ``total_loss``: log that term under
+    its own name too, or the printed value would be stale (the pretraining phase's last one)."""
+    if len(losses) == 1:
+        ((name, value),) = losses.items()
+        try:
+            get_event_storage().put_scalar(name, float(value.detach()))
+        except AssertionError:  # no trainer running
+            pass
+    return losses
+
+
 @META_ARCH_REGISTRY.register()
 class DELSE(nn.Module):
     """Deep Extreme Level Set Evolution.
@@ -388,6 +400,10 @@ class DELSE(nn.Module):
             except AssertionError:  # no trainer running
                 return self.phase
             if it >= self.pretrain_iters:
+                if not getattr(self, "_joint_logged", False):
+                    self._joint_logged = True
+                    logger.info(f"DELSE: joint training from iteration {it} on: loss_level_set and "
+                                "loss_direction are no longer computed (the printer keeps their last values)")
                 return "joint"
         return self.phase
 
@@ -402,10 +418,12 @@ class DELSE(nn.Module):
         gt_mask = self._stack(batched_inputs, "gt_mask")
         out = self.layers(images, heatmaps)
         if self.pixel_wise:  # one loss throughout, with the simulated corrections if any
-            return {"loss_mask": self.final_mask_loss(out, gt_mask, images, heatmaps)}
-        if self.current_phase() == "pretrain":
-            return self.pretrain_losses(out, gt_mask, batched_inputs)
-        return self.joint_losses(out, gt_mask, images, heatmaps)
+            losses = {"loss_mask": self.final_mask_loss(out, gt_mask, images, heatmaps)}
+        elif self.current_phase() == "pretrain":
+            losses = self.pretrain_losses(out, gt_mask, batched_inputs)
+        else:
+            losses = self.joint_losses(out, gt_mask, images, heatmaps)
+        return _log_single_loss(losses)
 
     def pretrain_losses(self, out, gt_mask, batched_inputs):
         """Eq. 10: L0 + alpha L_T(evolve(phi_gt + dh)) + beta L_direct, dh ~ U[-5, 5] per sample."""
