@@ -65,8 +65,15 @@ def train_opts(args, out_dir):
 
 
 def evaluate(args, name, out_dir, extra=()):
-    """--eval-only on the dev split; returns {'segm': {...}, 'boundary': {...}}."""
+    """--eval-only on the dev split; returns {'segm': {...}, 'boundary': {...}}.
+
+    A result saved after the model was written is reused (a rerun after an interruption, or with
+    --skip-train, does not redo finished evaluations)."""
     res_file = Path(out_dir) / f"eval{'_'.join(extra[1::2]) if extra else ''}.json"
+    model_file = Path(out_dir) / "model_final.pth"
+    if res_file.exists() and res_file.stat().st_mtime > model_file.stat().st_mtime:
+        print(f"reusing {res_file} (newer than {model_file})", flush=True)
+        return json.loads(res_file.read_text())
     cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--eval-only",
            "--num-gpus", args.num_gpus, *train_opts(args, out_dir),
            "MODEL.WEIGHTS", Path(out_dir) / "model_final.pth", *extra]
@@ -111,8 +118,18 @@ def main():
                 t1 = time.time()
                 run(cmds[name], logs[name])
                 times[name] = time.time() - t1
+    if args.skip_train:  # training times from the logs Detectron2 wrote
+        for name in CONFIGS:
+            log = Path(args.output_dir) / f"{name.replace(' ', '_')}.train.log"
+            found = re.findall(r"Total training time: (\d+):(\d+):(\d+)", log.read_text()) if log.exists() else []
+            if found:
+                h, m, sec = map(int, found[-1])
+                times[name] = 3600 * h + 60 * m + sec
     for name in CONFIGS:
         out_dir = out_dirs[name]
+        if not (Path(out_dir) / "model_final.pth").exists():
+            print(f"{name}: no {out_dir}/model_final.pth yet; row left out", flush=True)
+            continue
         rows.append((name, evaluate(args, name, out_dir)))
         if name == "LevelSet R-CNN":
             rows.append(("LevelSet R-CNN, initial φ0", evaluate(args, name, out_dir, ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))))
