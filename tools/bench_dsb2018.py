@@ -5,7 +5,8 @@ Both models share the backbone (R-18-FPN with GroupNorm), schedule, seed, image 
 train split with train_net.py, then evaluated on the dev split: mask AP / AP50 / AP75, AF1, AF2,
 Boundary AP, plus LevelSet R-CNN's initial phi_0 as a third row (like the paper's Table 2).
 
-    .venv/bin/python tools/bench_dsb2018.py                        # ~1 h on 2 idle CPU cores
+    .venv/bin/python tools/bench_dsb2018.py --parallel             # ~2 h on 2 CPU cores (800 iterations)
+    .venv/bin/python tools/bench_dsb2018.py --parallel --iters 400 # about an hour
     .venv/bin/python tools/bench_dsb2018.py --iters 20000 --num-gpus 8 --size 512   # a GPU budget
 
 Writes the table to output/bench_dsb2018/results.md and, with --update-benchmarks, into
