@@ -26,6 +26,7 @@ import torch
 import levelset_rcnn
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
+from detectron2.structures import Boxes
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
@@ -85,30 +86,34 @@ def run_on_images(args):
         print(f"{path}: {len(instances)} instances -> {out}")
 
 
-def train_and_evaluate(args):
+def train(config_file, opts):
+    """Train ``config_file`` + ``opts`` with train_net's Trainer, which ends with an evaluation on
+    DATASETS.TEST; the config is saved beside the weights. Returns (cfg, results, minutes)."""
     from train_net import Trainer  # repo root, beside this file
 
     cfg = levelset_rcnn.get_cfg()
-    cfg.merge_from_file(str(DEMO_CONFIG))
-    cfg.merge_from_list([
-        "OUTPUT_DIR", args.output,
-        "SOLVER.MAX_ITER", args.iters,
-        "SOLVER.STEPS", (int(0.8 * args.iters),),  # lr x0.1 for the last 20 %
-        *args.opts,
-    ])
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
         f.write(cfg.dump())
-
     start = time.time()
     trainer = Trainer(cfg)  # builds the train loader: generates the synthetic shapes if missing
     trainer.resume_or_load(resume=False)
-    trainer.train()  # ends with an evaluation on DATASETS.TEST
-    results = trainer._last_eval_results
-    train_minutes = (time.time() - start) / 60
+    trainer.train()
+    return cfg, trainer._last_eval_results or {}, (time.time() - start) / 60
+
+
+def train_and_evaluate(args):
+    cfg, results, train_minutes = train(DEMO_CONFIG, [
+        "OUTPUT_DIR", args.output,
+        "SOLVER.MAX_ITER", args.iters,
+        "SOLVER.STEPS", (int(0.8 * args.iters),),  # lr x0.1 for the last 20 %
+        *args.opts,
+    ])
 
     weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     val = cfg.DATASETS.TEST[0]
@@ -155,7 +160,9 @@ def delse_picture(image_bgr, gt_mask, points, first, drag, corrected, scale=4):
     x0, y0, x1, y1 = [int(v) for v in np.round(first.crop_box)]
     H, W = gt_mask.shape
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
-    gt_contours = _mask_contours(gt_mask)
+    # The GT's 0.5 level, as the polygons of a whole-image "RoI"; -0.5: continuous -> pixel-index (x, y).
+    whole = Boxes(torch.tensor([[0.0, 0.0, W, H]]))
+    gt_contours = [c - 0.5 for c in levelset_rcnn.tsdf_to_polygons(torch.from_numpy(gt_mask - 0.5)[None], whole)[0]]
     panels = []
     for k, result in enumerate((first, corrected)):
         canvas = cv2.resize(image_bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
@@ -178,34 +185,14 @@ def delse_picture(image_bgr, gt_mask, points, first, drag, corrected, scale=4):
     return np.concatenate(panels, axis=1)
 
 
-def _mask_contours(mask):
-    """(H, W) bool -> list of (K, 2) float (x, y) sub-pixel contours of the mask."""
-    from skimage import measure
-
-    return [c[:, ::-1] - 1.0 for c in measure.find_contours(np.pad(mask.astype(np.float64), 1), 0.5)]
-
-
 def train_and_show_delse(args):
     """Train the demo DELSE, evaluate it, and draw click -> contour -> drag -> contour pictures."""
     import delse
     from delse.data import decode_mask, extreme_points, warp_to_crop, points_to_image
     from delse.interactive import simulate_correction
-    from train_net import Trainer
 
-    cfg = levelset_rcnn.get_cfg()
-    cfg.merge_from_file(str(DELSE_DEMO_CONFIG))
-    cfg.merge_from_list(["OUTPUT_DIR", os.path.join(args.output, "delse"), "MODEL.DEVICE", "cpu",
-                         *args.delse_opts])
-    cfg.freeze()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-        f.write(cfg.dump())
-    start = time.time()
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()  # ends with DELSEEvaluator on synthetic_shapes_val
-    results = (trainer._last_eval_results or {}).get("delse", {})
-    minutes = (time.time() - start) / 60
+    cfg, results, minutes = train(DELSE_DEMO_CONFIG, ["OUTPUT_DIR", os.path.join(args.output, "delse"), *args.delse_opts])
+    results = results.get("delse", {})  # DELSEEvaluator on synthetic_shapes_val
 
     pred_cfg = cfg.clone()
     pred_cfg.defrost()

@@ -15,6 +15,7 @@ sys.path.insert(0, str(REPO / "tools"))
 def test_ious_match_the_predictor_and_summary_counts():
     import analyze_evolution as ae
     import levelset_rcnn
+    from delse.data import to_rle
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
@@ -32,7 +33,7 @@ def test_ious_match_the_predictor_and_summary_counts():
     assert len(rows) > 5 and any(r["iou_phiN"] > 0 for r in rows) and any(r["iou_phi0"] > 0 for r in rows)
     image = read_image(record["file_name"], format="BGR")
     h, w = image.shape[:2]
-    gt = [ae.gt_rle(a["segmentation"], h, w) for a in record["annotations"]]
+    gt = [to_rle(a["segmentation"], h, w) for a in record["annotations"]]
     for mode, key in (("final", "iou_phiN"), ("initial", "iou_phi0")):
         c = cfg.clone()
         c.MODEL.LEVELSET.INFERENCE_TSDF = mode

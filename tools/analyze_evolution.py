@@ -15,6 +15,8 @@ Prints a Markdown summary; --json writes the per-detection numbers.
 """
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,64 +24,45 @@ from pycocotools import mask as mask_util
 
 import levelset
 import levelset_rcnn
+from delse.data import to_rle
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from levelset_rcnn.checkpoint import SafeDetectionCheckpointer
-from levelset_rcnn.mask_head import select_class, split_hyperparameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from figure_evolution import levelset_rcnn_detections  # noqa: E402  (same pipeline as the figures)
 
 
 def _rles(masks):
     """(R, H, W) bool tensor -> list of RLEs."""
-    arr = np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))
-    return mask_util.encode(arr)
+    return mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
 
 
-def gt_rle(segmentation, h, w):
-    """A COCO polygon list / RLE dict (compressed, str or bytes, or not) -> one compressed RLE."""
-    if isinstance(segmentation, list):
-        return mask_util.merge(mask_util.frPyObjects(segmentation, h, w))
-    if isinstance(segmentation["counts"], list):
-        return mask_util.frPyObjects(segmentation, h, w)
-    counts = segmentation["counts"]
-    return {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-
-
-@torch.no_grad()
 def analyse_image(model, record, score_thresh, input_format, match_iou=0.5):
     """Per-detection records of one image: matched GT, IoU of phi_0 / phi_N, flipped share, hyperparameters."""
     image = read_image(record["file_name"], format=input_format)
     h, w = image.shape[:2]
-    inputs = [{"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float(), "height": h, "width": w}]
-    images = model.preprocess_image(inputs)
-    features = model.backbone(images.tensor)
-    proposals, _ = model.proposal_generator(images, features, None)
-    det = model.roi_heads(images, features, proposals, None)[0][0]
-    det = det[det.scores >= score_thresh]
     gt = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
-    if len(det) == 0 or not gt:
+    if not gt:
         return []
-    heads = model.roi_heads
-    head = heads.mask_head
-    x = heads.mask_pooler([features[f] for f in heads.mask_in_features], [det.pred_boxes])
-    out = head.layers(x)
-    phi0 = head.upsample(select_class(out["initial_tsdf"], det.pred_classes))
-    hyper = split_hyperparameters(out["hyperparameters"], head.num_steps)
-    phin = levelset.chan_vese(phi0, out["chan_vese_features"], steps=head.num_steps, **hyper)
+    det, phis, hyper, scale = levelset_rcnn_detections(model, image, score_thresh)
+    if len(det) == 0:
+        return []
+    phi0, phin = phis[0], phis[-1]
+    eps = model.roi_heads.mask_head.loss_eps
     pasted = {}
     for name, phi in (("phi0", phi0), ("phiN", phin)):
         inst = det[:]
-        inst.pred_masks = levelset.heaviside(phi.float(), head.loss_eps)  # as levelset_inference
+        inst.pred_masks = levelset.heaviside(phi.float(), eps)  # as levelset_inference
         pasted[name] = _rles(detector_postprocess(inst, h, w).pred_masks.cpu())
-    scale = np.array([w / images.image_sizes[0][1], h / images.image_sizes[0][0]] * 2, dtype=np.float32)
     det_boxes = Boxes(det.pred_boxes.tensor.cpu() * torch.from_numpy(scale))
     gt_boxes = Boxes(torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in gt],
                                   dtype=torch.float32))
-    box_iou = pairwise_iou(det_boxes, gt_boxes)
-    best_iou, best = box_iou.max(dim=1)
-    gt_rles = [gt_rle(a["segmentation"], h, w) for a in gt]
+    best_iou, best = pairwise_iou(det_boxes, gt_boxes).max(dim=1)
+    gt_rles = [to_rle(a["segmentation"], h, w) for a in gt]
     flipped = ((phi0 > 0) != (phin > 0)).float().mean(dim=(1, 2, 3))
     rows = []
     for i in range(len(det)):

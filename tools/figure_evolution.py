@@ -27,32 +27,47 @@ import levelset  # noqa: E402
 
 
 @torch.no_grad()
-def levelset_rcnn_iterates(model, image_bgr, instance=0):
-    """phi_0..phi_N (list of (S, S) arrays), hyperparameters and the box of one detection."""
+def levelset_rcnn_detections(model, image, score_thresh=0.0):
+    """Run a LevelSet R-CNN on one image and keep every iterate of its detections' evolution.
+
+    Args:
+        image: (H, W, 3) uint8 in the model's input format (cfg.INPUT.FORMAT).
+        score_thresh: detections below it are dropped before the mask branch.
+    Returns:
+        (det, phis, hyper, scale): the detections (Instances, boxes in the resized input),
+        phi_0..phi_N as (R, 1, S, S) tensors, the hyperparameters ({name: (R,) or (R, N)}) and the
+        (4,) factors taking XYXY boxes from the resized input to the image.
+    """
     from levelset_rcnn.mask_head import select_class, split_hyperparameters
 
     model.eval()
-    h, w = image_bgr.shape[:2]
-    inputs = [{"image": torch.as_tensor(image_bgr.transpose(2, 0, 1).astype("float32")), "height": h, "width": w}]
+    h, w = image.shape[:2]
+    inputs = [{"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float(), "height": h, "width": w}]
     images = model.preprocess_image(inputs)
     features = model.backbone(images.tensor)
     proposals, _ = model.proposal_generator(images, features, None)
-    detections, _ = model.roi_heads(images, features, proposals, None)
-    det = detections[0]
-    if len(det) <= instance:
-        raise ValueError(f"only {len(det)} detections; cannot show instance {instance}")
-    det = det[instance: instance + 1]
+    det = model.roi_heads(images, features, proposals, None)[0][0]
+    det = det[det.scores >= score_thresh]
     heads = model.roi_heads
-    x = heads.mask_pooler([features[f] for f in heads.mask_in_features], [det.pred_boxes])
     head = heads.mask_head
+    x = heads.mask_pooler([features[f] for f in heads.mask_in_features], [det.pred_boxes])
     out = head.layers(x)
     phi0 = head.upsample(select_class(out["initial_tsdf"], det.pred_classes))
     hyper = split_hyperparameters(out["hyperparameters"], head.num_steps)
-    phis = levelset.chan_vese(phi0, out["chan_vese_features"], steps=head.num_steps, return_all=True, **hyper)
-    # Boxes are in the resized input; the figure crops the original image.
-    box = det.pred_boxes.tensor[0].cpu().numpy() * np.array([w / images.image_sizes[0][1],
-                                                             h / images.image_sizes[0][0]] * 2)
-    return [p[0, 0].cpu().numpy() for p in phis], {k: v[0].cpu().numpy() for k, v in hyper.items()}, box
+    phis = (levelset.chan_vese(phi0, out["chan_vese_features"], steps=head.num_steps, return_all=True, **hyper)
+            if len(det) else [phi0] * (head.num_steps + 1))
+    scale = np.array([w / images.image_sizes[0][1], h / images.image_sizes[0][0]] * 2, dtype=np.float32)
+    return det, phis, hyper, scale
+
+
+def levelset_rcnn_iterates(model, image_bgr, instance=0):
+    """phi_0..phi_N (list of (S, S) arrays), hyperparameters and the box (image XYXY) of one detection."""
+    det, phis, hyper, scale = levelset_rcnn_detections(model, image_bgr)
+    if len(det) <= instance:
+        raise ValueError(f"only {len(det)} detections; cannot show instance {instance}")
+    box = det.pred_boxes.tensor[instance].cpu().numpy() * scale  # the figure crops the original image
+    return ([p[instance, 0].cpu().numpy() for p in phis], {k: v[instance].cpu().numpy() for k, v in hyper.items()},
+            box)
 
 
 def plot_levelset_rcnn(image_bgr, phis, hyper, box, out):

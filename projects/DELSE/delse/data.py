@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "flatten_instances",
+    "to_rle",
     "mask_area",
     "decode_mask",
     "extreme_points",
@@ -80,7 +81,8 @@ def flatten_instances(dataset_dicts, min_area=0.0):
     return out
 
 
-def _to_rle(segmentation, height, width):
+def to_rle(segmentation, height, width):
+    """COCO polygon list / RLE dict (compressed or not) -> one compressed RLE (pycocotools' input)."""
     if isinstance(segmentation, list):
         return mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
     if isinstance(segmentation["counts"], list):
@@ -92,7 +94,7 @@ def mask_area(segmentation, height, width):
     """Pixel count of a COCO polygon list / RLE dict (without decoding it)."""
     if isinstance(segmentation, list) and len(segmentation) == 0:
         return 0
-    return int(mask_util.area(_to_rle(segmentation, height, width)))
+    return int(mask_util.area(to_rle(segmentation, height, width)))
 
 
 def decode_mask(segmentation, height, width):
@@ -100,7 +102,7 @@ def decode_mask(segmentation, height, width):
     if isinstance(segmentation, list) and len(segmentation) == 0:
         return np.zeros((height, width), dtype=bool)
     if isinstance(segmentation, (list, dict)):
-        return mask_util.decode(_to_rle(segmentation, height, width)).astype(bool)
+        return mask_util.decode(to_rle(segmentation, height, width)).astype(bool)
     if isinstance(segmentation, np.ndarray):
         return segmentation.astype(bool)
     raise ValueError(f"unsupported segmentation type {type(segmentation)}")

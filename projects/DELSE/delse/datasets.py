@@ -38,6 +38,8 @@ from pycocotools import mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .data import mask_box
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -80,8 +82,7 @@ def _rle(mask):
 
 
 def _box(mask):
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    return [float(v) for v in mask_box(mask)]
 
 
 def _require(path):
