@@ -103,8 +103,10 @@ class _UpsampledFeatures:
 
     F is never materialised: with U = Uy (x) Ux the separable upsampling, F . v = U (f . v) and
     sum_p F_p w_p = sum_q f_q (U^T w)_q, so the C-channel work happens on the coarse grid. |F|^2 is
-    exact too: each row of Uy has two adjacent non-zeros, so |F(y, x)|^2 needs only the products
-    of x-upsampled rows i and i+1.
+    exact too: every row of Uy and Ux has its non-zeros on two adjacent columns, so
+    ``|F(y, x)|^2 = sum uy_i uy_k ux_j ux_l <f_ij, f_kl>`` needs only the dot products of each
+    coarse pixel with itself and with its right, lower and two diagonal neighbours (five (R, h, w)
+    maps, the only C-channel work), spread to the fine grid by products of the weights.
     """
 
     def __init__(self, features, H, W):
@@ -113,14 +115,19 @@ class _UpsampledFeatures:
         self.ux = _interpolation_matrix(W, w, features.dtype, features.device)  # (W, w)
         self.f = features.reshape(R, C, h * w)
         self.shape = (R, h, w, H, W)
-        g = torch.einsum("rcij,xj->rcix", features, self.ux)  # (R, C, h, W): upsampled along x only
-        same = (g * g).sum(1)  # (R, h, W)
-        if h > 1:
-            nxt = (g[:, :, :-1] * g[:, :, 1:]).sum(1)  # (R, h - 1, W)
-            band = self.uy[:, :-1] * self.uy[:, 1:]  # (H, h - 1)
-            sq = torch.einsum("yi,rix->ryx", self.uy * self.uy, same) + 2 * torch.einsum("yi,rix->ryx", band, nxt)
-        else:
-            sq = torch.einsum("yi,rix->ryx", self.uy * self.uy, same)
+        f = features
+        # <f_ij, f_kl> for (k, l) = (i, j), (i, j+1), (i+1, j), and both diagonals of each 2x2 block.
+        d_self = (f * f).sum(1)  # (R, h, w)
+        d_right = (f[..., :-1] * f[..., 1:]).sum(1)  # (R, h, w-1)
+        d_down = (f[:, :, :-1] * f[:, :, 1:]).sum(1)  # (R, h-1, w)
+        d_diag = (f[:, :, :-1, :-1] * f[:, :, 1:, 1:] + f[:, :, :-1, 1:] * f[:, :, 1:, :-1]).sum(1)  # (R, h-1, w-1)
+        # Weights: squares, and twice the products of the two adjacent non-zeros (pairs count both
+        # ways; a diagonal pair's 2 is in by alone, as d_diag already sums both diagonals).
+        sy, by = self.uy * self.uy, 2 * self.uy[:, :-1] * self.uy[:, 1:]  # (H, h), (H, h-1)
+        sx, bx = self.ux * self.ux, 2 * self.ux[:, :-1] * self.ux[:, 1:]  # (W, w), (W, w-1)
+        rows_same = torch.einsum("rij,xj->rix", d_self, sx) + torch.einsum("rij,xj->rix", d_right, bx)  # (R, h, W)
+        rows_next = torch.einsum("rij,xj->rix", d_down, sx) + torch.einsum("rij,xj->rix", d_diag, bx / 2)  # (R, h-1, W)
+        sq = torch.einsum("yi,rix->ryx", sy, rows_same) + torch.einsum("yi,rix->ryx", by, rows_next)
         self.sq_norm = sq.reshape(R, H * W)
         self.total = self.weighted_sum(torch.ones(R, H * W, dtype=features.dtype, device=features.device))
 
