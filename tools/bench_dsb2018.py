@@ -7,6 +7,10 @@ Boundary AP, plus LevelSet R-CNN's initial phi_0 as a third row (like the paper'
 
     .venv/bin/python tools/bench_dsb2018.py --parallel             # about an hour on 2 CPU cores (600 iterations)
     .venv/bin/python tools/bench_dsb2018.py --iters 20000 --num-gpus 8 --size 512   # a GPU budget
+    .venv/bin/python tools/bench_dsb2018.py --models "TSDF head alone"   # + the ablation row (~35 min)
+
+Rows of models not trained in a run come from their earlier evaluation in the same output folder
+(eval*.json newer than the model), so the ablation can be added to a finished table.
 
 With --parallel (CPU) both trainings run at once, one thread each; each model's evaluations start
 as soon as its own training ends, and LevelSet R-CNN's two (phi_N, phi_0) run side by side.
@@ -30,7 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "Mask R-CNN": REPO / "configs/LevelSetRCNN/mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
     "LevelSet R-CNN": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_18_FPN_GN_dsb2018.yaml",
+    # Optional (--models): LevelSet R-CNN's TSDF head alone, with the TSDF loss weight phi_0 gets there.
+    "TSDF head alone": REPO / "configs/LevelSetRCNN/ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
 }
+DEFAULT_MODELS = ["Mask R-CNN", "LevelSet R-CNN"]
+ROWS = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone"]
 
 
 def start(cmd, log_path, threads=None):
@@ -74,16 +82,25 @@ def train_opts(args, out_dir):
     return [str(o) for o in opts + list(args.opts)]
 
 
+def _reusable(out_dir, extra=()):
+    """The saved evaluation of out_dir/model_final.pth (with config overrides `extra`), if newer than it."""
+    res_file = out_dir / f"eval{'_'.join(extra[1::2]) if extra else ''}.json"
+    model_file = out_dir / "model_final.pth"
+    if res_file.exists() and model_file.exists() and res_file.stat().st_mtime > model_file.stat().st_mtime:
+        return res_file
+    return None
+
+
 def evaluate(args, name, out_dir, extra=(), threads=None):
     """--eval-only on the dev split; returns {'segm': {...}, 'boundary': {...}}.
 
     A result saved after the model was written is reused (a rerun after an interruption, or with
     --skip-train, does not redo finished evaluations)."""
-    res_file = Path(out_dir) / f"eval{'_'.join(extra[1::2]) if extra else ''}.json"
-    model_file = Path(out_dir) / "model_final.pth"
-    if res_file.exists() and res_file.stat().st_mtime > model_file.stat().st_mtime:
-        print(f"reusing {res_file} (newer than {model_file})", flush=True)
+    res_file = _reusable(Path(out_dir), extra)
+    if res_file:
+        print(f"reusing {res_file} (newer than the model)", flush=True)
         return json.loads(res_file.read_text())
+    res_file = Path(out_dir) / f"eval{'_'.join(extra[1::2]) if extra else ''}.json"
     cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--eval-only",
            "--num-gpus", args.num_gpus, *train_opts(args, out_dir),
            "MODEL.WEIGHTS", Path(out_dir) / "model_final.pth", *extra]
@@ -105,6 +122,8 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--num-gpus", type=int, default=1)
     ap.add_argument("--output-dir", default=str(REPO / "output/bench_dsb2018"))
+    ap.add_argument("--models", nargs="+", choices=list(CONFIGS), default=DEFAULT_MODELS,
+                    help="models to train and evaluate in this run (default: %(default)s)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
     ap.add_argument("--parallel", action="store_true", help="train both models at once, one thread each (CPU)")
     ap.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
@@ -125,7 +144,7 @@ def main():
         run(cmd, logs[name], threads)
         times[name] = time.time() - t0
 
-    def evaluate_all(name):
+    def evaluate_all(name, reuse_only=False):
         out_dir = out_dirs[name]
         if not (Path(out_dir) / "model_final.pth").exists():
             print(f"{name}: no {out_dir}/model_final.pth yet; row left out", flush=True)
@@ -134,6 +153,11 @@ def main():
         if name == "LevelSet R-CNN":
             jobs["LevelSet R-CNN, initial φ0"] = lambda: evaluate(
                 args, name, out_dir, ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"), threads=threads)
+        if reuse_only:
+            found = {k: _reusable(Path(out_dir), e) for k, e in [(name, ())] + (
+                [("LevelSet R-CNN, initial φ0", ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))] if name == "LevelSet R-CNN" else [])}
+            results.update({k: json.loads(f.read_text()) for k, f in found.items() if f})
+            return
         outs = in_parallel(*jobs.values()) if args.parallel else [job() for job in jobs.values()]
         results.update(zip(jobs, outs))
 
@@ -143,20 +167,22 @@ def main():
         evaluate_all(name)
 
     t_start = time.time()
-    if args.parallel:  # on 2 cores, two one-thread jobs at once beat two-thread jobs in turn
-        in_parallel(*[lambda n=n: pipeline(n) for n in CONFIGS])
+    if args.parallel and len(args.models) > 1:  # on 2 cores, two one-thread jobs at once beat two-thread jobs in turn
+        in_parallel(*[lambda n=n: pipeline(n) for n in args.models])
     else:
-        for name in CONFIGS:
+        for name in args.models:
             pipeline(name)
     total = time.time() - t_start
-    if args.skip_train:  # training times from the logs Detectron2 wrote
-        for name in CONFIGS:
+    for name in CONFIGS:  # earlier rows of the other models (reused evaluations, never new ones)
+        if name not in args.models and (Path(out_dirs[name]) / "model_final.pth").exists():
+            evaluate_all(name, reuse_only=True)
+    for name in CONFIGS:  # training times not measured in this run: from the logs Detectron2 wrote
+        if name not in times:
             found = re.findall(r"Total training time: (\d+):(\d+):(\d+)", logs[name].read_text()) if logs[name].exists() else []
             if found:
                 h, m, sec = map(int, found[-1])
                 times[name] = 3600 * h + 60 * m + sec
-    order = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0"]
-    rows = [(name, results[name]) for name in order if name in results]
+    rows = [(name, results[name]) for name in ROWS if name in results]
 
     lines = ["| model | mask AP | AP50 | AP75 | AF1 | AF2 | Boundary AP | box AP |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
@@ -169,7 +195,8 @@ def main():
     table = "\n".join([f"Command: `.venv/bin/python {cmd.strip()}`  ",
                        f"Budget: {args.iters} iterations, batch {args.batch or 2}, short side {args.size} px, "
                        f"seed {args.seed}. Training wall time: {train_times or 'n/a (--skip-train)'}; "
-                       f"whole benchmark{' (evaluations only)' if args.skip_train else ''}: {total / 60:.1f} min.",
+                       f"wall time of this run ({' + '.join(args.models)}{', evaluations only' if args.skip_train else ''}): "
+                       f"{total / 60:.1f} min.",
                        "", *lines])
     (Path(args.output_dir) / "results.md").write_text(table + "\n")
     print(table)
