@@ -337,6 +337,7 @@ EXPECTED_HEADS = {
     "ablation_global_hyperparams_R_50_FPN_cityscapes.yaml": "LevelSetMaskHead",
     "ablation_detach_phi0_R_50_FPN_cityscapes.yaml": "LevelSetMaskHead",
     "levelset_rcnn_R_18_FPN_GN_dsb2018.yaml": "LevelSetMaskHead",
+    "ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml": "TSDFMaskRCNNHead",
 }
 
 
@@ -356,3 +357,21 @@ def test_paper_configs_build(name):
     if isinstance(head, HighResMaskRCNNHead):
         assert head.layers(torch.randn(1, 256, 14, 14)).shape[-1] == 112
     assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def test_dsb2018_tsdf_ablation_matches_levelset_rcnn():
+    """The DSB2018 'TSDF head alone' ablation differs from LevelSet R-CNN only in its mask head, and
+    its phi_0 loss weight is the total LevelSet R-CNN puts on phi_0 while its steps stay near the identity."""
+    def load(name):
+        cfg = levelset_rcnn.get_cfg()
+        cfg.merge_from_file(str(CONFIGS / name))
+        return cfg
+
+    ls, ab = load("levelset_rcnn_R_18_FPN_GN_dsb2018.yaml"), load("ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml")
+    assert ab.MODEL.LEVELSET.LOSS_WEIGHT_PHI0 == ls.MODEL.LEVELSET.LOSS_WEIGHT_PHI0 + ls.MODEL.LEVELSET.LOSS_WEIGHT_PHIN
+    for key in ("SOLVER", "INPUT", "DATASETS", "MODEL.RESNETS", "MODEL.ROI_HEADS", "MODEL.ANCHOR_GENERATOR"):
+        a, b = ls, ab
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        assert a == b, key
+    assert (ls.MODEL.ROI_MASK_HEAD.NAME, ab.MODEL.ROI_MASK_HEAD.NAME) == ("LevelSetMaskHead", "TSDFMaskRCNNHead")

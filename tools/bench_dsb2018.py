@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -190,7 +191,7 @@ def main():
         f = lambda d, k: f"{d[k]:.1f}" if k in d else "–"
         lines.append(f"| {name} | {f(s, 'AP')} | {f(s, 'AP50')} | {f(s, 'AP75')} | {f(b, 'AF1')} | {f(b, 'AF2')} "
                      f"| {f(b, 'BoundaryAP')} | {f(bb, 'AP')} |")
-    cmd = "tools/bench_dsb2018.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
+    cmd = "tools/bench_dsb2018.py " + shlex.join(a for a in sys.argv[1:] if a != "--update-benchmarks")
     train_times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
     table = "\n".join([f"Command: `.venv/bin/python {cmd.strip()}`  ",
                        f"Budget: {args.iters} iterations, batch {args.batch or 2}, short side {args.size} px, "
