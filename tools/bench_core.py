@@ -1,11 +1,14 @@
 """Benchmarks of the shared level-set core. Prints Markdown tables for BENCHMARKS.md.
 
-    .venv/bin/python tools/bench_core.py [--device cpu|cuda] [--skip-skimage]
+    .venv/bin/python tools/bench_core.py [--device cpu|cuda] [--skip-skimage] [--only bandwidth ...]
 
 1. ``mask_to_tsdf`` cost for R RoIs at 112x112 (the LevelSet R-CNN target size), vs SciPy in a loop.
 2. One Chan-Vese step on 50 RoIs x 64 x 112 x 112: a naive ``(F - c)^2`` implementation vs
    ``levelset.chan_vese`` (which expands the data term), forward and forward+backward.
-3. Classic Chan-Vese on real photographs (scikit-image's test images) against
+3. The 3-step Chan-Vese forward against the memory-bandwidth bound of the device: the time to read
+   phi_0 and the features and write phi_N once at the measured copy bandwidth (what a kernel fusing
+   all steps could reach), and the evolution's cost in elementwise passes over phi.
+4. Classic Chan-Vese on real photographs (scikit-image's test images) against
    ``skimage.segmentation.chan_vese``: energy ratio and partition IoU.
 """
 import argparse
@@ -107,6 +110,31 @@ def bench_chan_vese(device, R=50, C=64, S=112, steps=3):
     print(f"| forward + backward | {c:.0f} | {d:.0f} ({c / d:.1f}x faster) | {g:.0f} ({c / g:.1f}x faster) |")
 
 
+def bench_bandwidth(device, R=50, C=64, S=112, h=28, steps=3):
+    """Chan-Vese forward (coarse features, as LevelSetMaskHead runs it) vs the memory-bandwidth bound."""
+    torch.manual_seed(0)
+    big = torch.empty(64 * 2**20, device=device).uniform_()  # 256 MiB, beyond any cache
+    out = torch.empty_like(big)
+    copy_ms = timeit(lambda: out.copy_(big), device=device)
+    bandwidth = 2 * big.numel() * 4 / (copy_ms / 1000)  # bytes read + written per second
+    phi = torch.randn(R, 1, S, S, device=device).tanh()
+    feats = torch.randn(R, C, h, h, device=device)
+    kw = dict(lambda1=torch.rand(R, device=device) + 0.5, lambda2=torch.rand(R, device=device) + 0.5,
+              mu=torch.rand(R, device=device), eps=torch.rand(R, steps, device=device) + 0.1,
+              dt=torch.rand(R, steps, device=device))
+    with torch.no_grad():
+        evolve_ms = timeit(lambda: levelset.chan_vese(phi, feats, steps=steps, **kw), device=device)
+        pass_ms = timeit(lambda: torch.mul(phi, 2.0), device=device)  # one elementwise pass: read + write phi
+    min_bytes = 4 * (2 * phi.numel() + feats.numel() + R * (2 * steps + 3))  # phi_0, F, hyperparameters in; phi_N out
+    bound_ms = 1000 * min_bytes / bandwidth
+    print(f"\n### Chan-Vese forward vs the memory-bandwidth bound, {R} RoIs, {C} x {h}x{h} features, "
+          f"{S}x{S}, {steps} steps ({device})\n")
+    print("| copy bandwidth (GB/s) | evolution (ms) | bound: read inputs + write phi_N once (ms) "
+          "| bound / evolution | evolution in elementwise passes over phi |\n|---|---|---|---|---|")
+    print(f"| {bandwidth / 1e9:.1f} | {evolve_ms:.2f} | {bound_ms:.3f} | {bound_ms / evolve_ms:.1%} "
+          f"| {evolve_ms / pass_ms:.0f} |")
+
+
 def bench_skimage():
     from skimage import color, data, transform
     from skimage.segmentation import chan_vese as sk_cv
@@ -134,12 +162,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-skimage", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["tsdf", "chan_vese", "bandwidth", "skimage"],
+                    help="run only these sections")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
-    bench_tsdf(args.device)
-    bench_chan_vese(args.device)
-    if not args.skip_skimage:
-        bench_skimage()
+    sections = {"tsdf": lambda: bench_tsdf(args.device), "chan_vese": lambda: bench_chan_vese(args.device),
+                "bandwidth": lambda: bench_bandwidth(args.device), "skimage": bench_skimage}
+    for name, run in sections.items():
+        if (args.only and name not in args.only) or (name == "skimage" and args.skip_skimage):
+            continue
+        run()
 
 
 if __name__ == "__main__":
