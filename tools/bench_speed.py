@@ -56,6 +56,8 @@ def measure(name, args):
                          "INPUT.MIN_SIZE_TEST", str(args.size), "INPUT.MIN_SIZE_TRAIN", f"({args.size},)"])
     if args.depth < 50:
         cfg.merge_from_list(["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"])
+    if name == "levelset_rcnn":
+        cfg.merge_from_list(args.levelset_opts)
     model = build_model(cfg)
     # Same weights for the shared parts: the backbone, RPN and box head of a seeded Mask R-CNN.
     shared = torch.load(args.shared_weights, map_location=args.device, weights_only=True)
@@ -163,6 +165,8 @@ def main():
     ap.add_argument("--size", type=int, default=800, help="short side of the input images")
     ap.add_argument("--train-steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+    ap.add_argument("--levelset-opts", nargs="*", default=[], metavar="KEY VALUE",
+                    help="config overrides for LevelSet R-CNN only (a head variant)")
     ap.add_argument("--measure", choices=list(CONFIGS), help=argparse.SUPPRESS)
     ap.add_argument("--shared-weights", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -189,6 +193,7 @@ def main():
         cmd = [sys.executable, __file__, "--measure", name, "--shared-weights", str(weights)]
         for k in ("depth", "dets", "images", "size", "train_steps", "device"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        cmd += ["--levelset-opts", *args.levelset_opts]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if out.returncode != 0 or not line:
@@ -200,7 +205,8 @@ def main():
     print(f"\nR-{args.depth}-FPN, {args.images} COCO val2017 images (short side {args.size}), device {args.device}, "
           f"torch threads {torch.get_num_threads()}, GroupNorm backbone (random weights). Inference: the whole model with the detections of the shared "
           f"(seeded, untrained) backbone/RPN/box weights, {m['dets']} per image for both models; mask branch: "
-          f"{args.dets} fixed boxes per image.\n")
+          f"{args.dets} fixed boxes per image."
+          + (f" LevelSet R-CNN with {' '.join(args.levelset_opts)}." if args.levelset_opts else "") + "\n")
     print("| | Mask R-CNN | LevelSet R-CNN | ratio |\n|---|---|---|---|")
     for key, label, fmt in [("infer_ms", "inference per image (ms)", "{:.0f}"),
                             ("per_roi_ms", "mask branch per RoI (ms)", "{:.2f}"),
