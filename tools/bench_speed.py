@@ -7,6 +7,10 @@ backbone, RPN and box head weights, so both detect the same boxes; the mask bran
 on exactly ``--dets`` fixed boxes per image (Detectron2's ``detected_instances``). Each model is measured in its own
 subprocess so that peak memory (CPU max RSS; CUDA max allocated) is its own.
 
+Inference latency is also measured with both models in one process, image by image in alternation
+over ``--rounds`` rounds: on a shared or throttled machine that ratio is the one to read, since
+drift between two processes' runs can exceed the difference between the models.
+
 Reports per model: inference latency per image, mask-branch time per RoI, training step time
 (batch of 2 real COCO images, forward + backward + SGD step), the share of the step spent building
 TSDF targets, and peak memory; then the ratios LevelSet R-CNN / Mask R-CNN.
@@ -39,14 +43,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(name, args):
-    """Runs in a subprocess: build one model, time it, print a json line."""
+def build(name, args):
+    """One model on the shared weights, and the test inputs: (cfg, model, dataset, test_inputs)."""
     import torch
 
     import levelset_rcnn
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.modeling import build_model
-    from levelset_rcnn import mask_head as lsmh
 
     torch.manual_seed(0)
     cfg = levelset_rcnn.get_cfg()
@@ -63,10 +66,50 @@ def measure(name, args):
     shared = torch.load(args.shared_weights, map_location=args.device, weights_only=True)
     missing, unexpected = model.load_state_dict(shared, strict=False)
     assert not unexpected or name == "levelset_rcnn", unexpected
-
+    model.eval()
     dataset = DatasetCatalog.get("coco_sample_val2017")[: args.images]
-    test_mapper, train_mapper = DatasetMapper(cfg, is_train=False), DatasetMapper(cfg, is_train=True)
-    test_inputs = [test_mapper(dict(d)) for d in dataset]
+    test_inputs = [DatasetMapper(cfg, is_train=False)(dict(d)) for d in dataset]
+    return cfg, model, dataset, test_inputs
+
+
+def measure_interleaved(args):
+    """Runs in a subprocess: both models in one process, timed image by image in alternation over
+    ``--rounds`` rounds (first model swapped every round), so that machine drift hits both alike."""
+    import torch
+
+    built = {name: build(name, args) for name in CONFIGS}
+    models, inputs = {name: b[1] for name, b in built.items()}, built["mask_rcnn"][3]
+    totals = {name: [] for name in CONFIGS}
+    with torch.no_grad():
+        for model in models.values():
+            model([inputs[0]])  # warm-up
+        for r in range(args.rounds):
+            order = list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]
+            round_total = dict.fromkeys(CONFIGS, 0.0)
+            for x in inputs:
+                for name in order:
+                    _sync(args.device)
+                    t0 = time.perf_counter()
+                    models[name]([x])
+                    _sync(args.device)
+                    round_total[name] += time.perf_counter() - t0
+            for name in CONFIGS:
+                totals[name].append(round_total[name])
+    ratios = [l / m for l, m in zip(totals["levelset_rcnn"], totals["mask_rcnn"])]
+    print("RESULT " + json.dumps(dict(
+        ms={name: 1000 * float(np.median(t)) / len(inputs) for name, t in totals.items()},
+        ratio=float(np.median(ratios)), ratio_min=min(ratios), ratio_max=max(ratios))))
+
+
+def measure(name, args):
+    """Runs in a subprocess: build one model, time it, print a json line."""
+    import torch
+
+    from detectron2.data import DatasetMapper
+    from levelset_rcnn import mask_head as lsmh
+
+    cfg, model, dataset, test_inputs = build(name, args)
+    train_mapper = DatasetMapper(cfg, is_train=True)
 
     mask_time = [0.0, 0]
 
@@ -96,7 +139,6 @@ def measure(name, args):
         inst.scores = torch.ones(n, device=args.device)
         return inst
 
-    model.eval()
     with torch.no_grad():
         model([test_inputs[0]])  # warm-up
         times, num_dets = [], []
@@ -167,9 +209,15 @@ def main():
     ap.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
     ap.add_argument("--levelset-opts", nargs="*", default=[], metavar="KEY VALUE",
                     help="config overrides for LevelSet R-CNN only (a head variant)")
-    ap.add_argument("--measure", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of the interleaved inference timing (both models in one process)")
+    ap.add_argument("--measure", choices=[*CONFIGS, "interleaved"], help=argparse.SUPPRESS)
     ap.add_argument("--shared-weights", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.images < 2:
+        ap.error("--images must be at least 2 (the training step takes a batch of 2 images)")
+    if args.measure == "interleaved":
+        return measure_interleaved(args)
     if args.measure:
         return measure(args.measure, args)
 
@@ -189,9 +237,9 @@ def main():
     torch.save(state, weights)
 
     results = {}
-    for name in CONFIGS:
+    for name in [*CONFIGS, "interleaved"]:
         cmd = [sys.executable, __file__, "--measure", name, "--shared-weights", str(weights)]
-        for k in ("depth", "dets", "images", "size", "train_steps", "device"):
+        for k in ("depth", "dets", "images", "size", "train_steps", "device", "rounds"):
             cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         cmd += ["--levelset-opts", *args.levelset_opts]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -199,7 +247,7 @@ def main():
         if out.returncode != 0 or not line:
             sys.exit(f"{name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         results[name] = json.loads(line[0][len("RESULT "):])
-    m, l = results["mask_rcnn"], results["levelset_rcnn"]
+    m, l, both = results["mask_rcnn"], results["levelset_rcnn"], results["interleaved"]
     mem = "CUDA max allocated" if args.device == "cuda" else "CPU max RSS"
     assert m["dets"] == l["dets"], (m["dets"], l["dets"])  # shared weights: the same detections
     print(f"\nR-{args.depth}-FPN, {args.images} COCO val2017 images (short side {args.size}), device {args.device}, "
@@ -208,7 +256,9 @@ def main():
           f"{args.dets} fixed boxes per image."
           + (f" LevelSet R-CNN with {' '.join(args.levelset_opts)}." if args.levelset_opts else "") + "\n")
     print("| | Mask R-CNN | LevelSet R-CNN | ratio |\n|---|---|---|---|")
-    for key, label, fmt in [("infer_ms", "inference per image (ms)", "{:.0f}"),
+    print(f"| inference per image, both models in one process, alternating (ms) | {both['ms']['mask_rcnn']:.0f} "
+          f"| {both['ms']['levelset_rcnn']:.0f} | {both['ratio']:.2f}x (rounds: {both['ratio_min']:.2f}-{both['ratio_max']:.2f}x) |")
+    for key, label, fmt in [("infer_ms", "inference per image, one process per model (ms)", "{:.0f}"),
                             ("per_roi_ms", "mask branch per RoI (ms)", "{:.2f}"),
                             ("step_ms", "training step, batch 2 (ms)", "{:.0f}"),
                             ("peak_mb", f"peak memory, {mem} (MiB)", "{:.0f}")]:
