@@ -55,9 +55,13 @@ def wait(procs):
     while any(p.poll() is None for p, _ in procs):
         time.sleep(60)
         for _, log in procs:
-            lines = [l for l in Path(log).read_text().splitlines() if " eta: " in l]
+            # Detectron2's progress: the trainer's "eta: ... iter: N", the evaluator's "Inference done i/n ... ETA=".
+            lines = [l for l in Path(log).read_text().splitlines() if " eta: " in l or "Inference done" in l]
             if lines:
-                print(Path(log).name, lines[-1][lines[-1].index("eta:"):][:60], flush=True)
+                last = lines[-1]
+                start = last.index("eta:") if " eta: " in last else last.index("Inference done")
+                print(Path(log).parent.name + "/" + Path(log).name, last[start:][:60],
+                      last[last.index("ETA="):] if "ETA=" in last else "", flush=True)
     for p, log in procs:
         if p.returncode != 0:
             raise SystemExit(f"command failed ({p.returncode}); see {log}")
