@@ -63,13 +63,18 @@ def bench_tsdf(device):
     print("\n".join(rows))
 
 
+def random_hyperparameters(R, steps, device):
+    """Per-RoI Chan-Vese hyperparameters in the ranges the hyperparameter head produces."""
+    return dict(lambda1=torch.rand(R, device=device) + 0.5, lambda2=torch.rand(R, device=device) + 0.5,
+                mu=torch.rand(R, device=device), eps=torch.rand(R, steps, device=device) + 0.1,
+                dt=torch.rand(R, steps, device=device))
+
+
 def bench_chan_vese(device, R=50, C=64, S=112, steps=3):
     torch.manual_seed(0)
     phi = torch.randn(R, 1, S, S, device=device).tanh()
     feats = torch.randn(R, C, S, S, device=device)
-    kw = dict(lambda1=torch.rand(R, device=device) + 0.5, lambda2=torch.rand(R, device=device) + 0.5,
-              mu=torch.rand(R, device=device), eps=torch.rand(R, steps, device=device) + 0.1,
-              dt=torch.rand(R, steps, device=device))
+    kw = random_hyperparameters(R, steps, device)
 
     def ours_fwd():
         with torch.no_grad():
@@ -119,9 +124,7 @@ def bench_bandwidth(device, R=50, C=64, S=112, h=28, steps=3):
     bandwidth = 2 * big.numel() * 4 / (copy_ms / 1000)  # bytes read + written per second
     phi = torch.randn(R, 1, S, S, device=device).tanh()
     feats = torch.randn(R, C, h, h, device=device)
-    kw = dict(lambda1=torch.rand(R, device=device) + 0.5, lambda2=torch.rand(R, device=device) + 0.5,
-              mu=torch.rand(R, device=device), eps=torch.rand(R, steps, device=device) + 0.1,
-              dt=torch.rand(R, steps, device=device))
+    kw = random_hyperparameters(R, steps, device)
     with torch.no_grad():
         evolve_ms = timeit(lambda: levelset.chan_vese(phi, feats, steps=steps, **kw), device=device)
         pass_ms = timeit(lambda: torch.mul(phi, 2.0), device=device)  # one elementwise pass: read + write phi

@@ -42,6 +42,13 @@ DEFAULT_MODELS = ["Mask R-CNN", "LevelSet R-CNN"]
 ROWS = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone"]
 
 
+def evaluations(name):
+    """(table row, config overrides) of each evaluation of a model: LevelSet R-CNN's phi_N, then its phi_0."""
+    if name == "LevelSet R-CNN":
+        return [(name, ()), ("LevelSet R-CNN, initial φ0", ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))]
+    return [(name, ())]
+
+
 def start(cmd, log_path, threads=None):
     """Start a command with its output going to a log file."""
     print("$", " ".join(str(c) for c in cmd), f"> {log_path}", flush=True)
@@ -87,10 +94,15 @@ def train_opts(args, out_dir):
     return [str(o) for o in opts + list(args.opts)]
 
 
+def _eval_file(out_dir, extra=()):
+    """Where the evaluation of out_dir/model_final.pth with config overrides `extra` is saved."""
+    return Path(out_dir) / f"eval{'_'.join(extra[1::2])}.json"
+
+
 def _reusable(out_dir, extra=()):
     """The saved evaluation of out_dir/model_final.pth (with config overrides `extra`), if newer than it."""
-    res_file = out_dir / f"eval{'_'.join(extra[1::2]) if extra else ''}.json"
-    model_file = out_dir / "model_final.pth"
+    res_file = _eval_file(out_dir, extra)
+    model_file = Path(out_dir) / "model_final.pth"
     if res_file.exists() and model_file.exists() and res_file.stat().st_mtime > model_file.stat().st_mtime:
         return res_file
     return None
@@ -101,11 +113,11 @@ def evaluate(args, name, out_dir, extra=(), threads=None):
 
     A result saved after the model was written is reused (a rerun after an interruption, or with
     --skip-train, does not redo finished evaluations)."""
-    res_file = _reusable(Path(out_dir), extra)
+    res_file = _reusable(out_dir, extra)
     if res_file:
         print(f"reusing {res_file} (newer than the model)", flush=True)
         return json.loads(res_file.read_text())
-    res_file = Path(out_dir) / f"eval{'_'.join(extra[1::2]) if extra else ''}.json"
+    res_file = _eval_file(out_dir, extra)
     cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--eval-only",
            "--num-gpus", args.num_gpus, *train_opts(args, out_dir),
            "MODEL.WEIGHTS", Path(out_dir) / "model_final.pth", *extra]
@@ -154,17 +166,16 @@ def main():
         if not (Path(out_dir) / "model_final.pth").exists():
             print(f"{name}: no {out_dir}/model_final.pth yet; row left out", flush=True)
             return
-        jobs = {name: lambda: evaluate(args, name, out_dir, threads=threads)}
-        if name == "LevelSet R-CNN":
-            jobs["LevelSet R-CNN, initial φ0"] = lambda: evaluate(
-                args, name, out_dir, ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"), threads=threads)
+        evals = evaluations(name)
         if reuse_only:
-            found = {k: _reusable(Path(out_dir), e) for k, e in [(name, ())] + (
-                [("LevelSet R-CNN, initial φ0", ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))] if name == "LevelSet R-CNN" else [])}
-            results.update({k: json.loads(f.read_text()) for k, f in found.items() if f})
+            for row, extra in evals:
+                res_file = _reusable(out_dir, extra)
+                if res_file:
+                    results[row] = json.loads(res_file.read_text())
             return
-        outs = in_parallel(*jobs.values()) if args.parallel else [job() for job in jobs.values()]
-        results.update(zip(jobs, outs))
+        jobs = [lambda e=extra: evaluate(args, name, out_dir, e, threads) for _, extra in evals]
+        outs = in_parallel(*jobs) if args.parallel else [job() for job in jobs]
+        results.update(zip((row for row, _ in evals), outs))
 
     def pipeline(name):
         if not args.skip_train:
