@@ -172,7 +172,8 @@ def _region_means(feats, h):
     return c1, c2
 
 
-def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all=False):
+def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all=False,
+              grad_eps=GRAD_EPS, phi_bound=None):
     """Unrolled Chan-Vese evolution on a feature map (LevelSet R-CNN eqs. 6-9).
 
     Alternates the closed-form region means (eq. 9) with explicit steps (eqs. 7-8)::
@@ -196,6 +197,12 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
         eps, dt: float, a sequence of `steps` floats, (steps,) or (R, steps) tensor.
         steps: number of unrolled steps N.
         return_all: return ``[phi_0, ..., phi_N]`` instead of phi_N.
+        grad_eps: added in quadrature to |grad phi| in the curvature, in phi's units per pixel.
+            The default (1e-3) is classic Chan-Vese's regularisation. For a learned phi_0 give a
+            fraction of the TSDF's slope (e.g. 0.1 for a TSDF in pixels): on its flat, truncated
+            plateaus the curvature's derivative grows like 1 / grad_eps.
+        phi_bound: clamp phi to ``[-phi_bound, phi_bound]`` after every step (a TSDF's truncation),
+            as in :func:`delse_evolve`.
     Returns:
         (R, 1, H, W) phi_N in the working dtype (float32, or float64 for float64 inputs).
     """
@@ -218,9 +225,9 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
             v = l1 * c1 - l2 * c2  # (R, C)
             const = l2 * (c2 * c2).sum(1, keepdim=True) - l1 * (c1 * c1).sum(1, keepdim=True)  # (R, 1)
             data = (l2 - l1) * feats.sq_norm + 2.0 * feats.dot(v) + const
-            return dirac(p, e) * (mu_ * curvature(p, "sobel") + data.view(R, 1, H, W))
+            return dirac(p, e) * (mu_ * curvature(p, "sobel", grad_eps) + data.view(R, 1, H, W))
 
-        return _unroll(phi, dt_, steps, velocity, return_all)
+        return _unroll(phi, dt_, steps, velocity, return_all, phi_bound)
 
 
 def chan_vese_energy(phi, features, *, lambda1, lambda2, mu, eps):

@@ -46,7 +46,7 @@ def _squared_distance_to(features, max_dist):
     return d2.float()
 
 
-def signed_distance(masks, truncation=None):
+def signed_distance(masks, truncation=None, *, half_pixel=False):
     """Signed Euclidean distance ``edt(mask) - edt(~mask)`` in pixels, positive inside.
 
     Each pixel's value is the distance from its centre to the nearest pixel centre of the other
@@ -55,6 +55,10 @@ def signed_distance(masks, truncation=None):
     Args:
         masks: (R, H, W) bool (or 0/1) tensor.
         truncation: clamp to ``[-truncation, truncation]``; None computes the full transform.
+        half_pixel: distance to the boundary *between* the two pixels instead, i.e. 0.5 px less on
+            each side (``edt(mask) - 0.5`` inside, ``-(edt(~mask) - 0.5)`` outside): a pixel next
+            to the boundary gets +-0.5, so the function has slope 1 across the zero level set as
+            well as away from it (exact for straight boundaries along the grid).
     Returns:
         (R, H, W) float32 tensor on the masks' device.
     """
@@ -67,8 +71,11 @@ def signed_distance(masks, truncation=None):
         raise ValueError(f"truncation must be positive, got {truncation}")
     if R == 0 or H == 0 or W == 0:
         return torch.zeros(masks.shape, dtype=torch.float32, device=masks.device)
-    inside = _squared_distance_to(~masks, limit).sqrt()  # edt(mask): distance to background
-    outside = _squared_distance_to(masks, limit).sqrt()  # edt(~mask): distance to foreground
+    reach = limit + 0.5 if half_pixel else limit  # exact up to the distance that maps to the clamp
+    inside = _squared_distance_to(~masks, reach).sqrt()  # edt(mask): distance to background
+    outside = _squared_distance_to(masks, reach).sqrt()  # edt(~mask): distance to foreground
+    if half_pixel:
+        inside, outside = inside - 0.5, outside - 0.5
     sdf = torch.where(masks, inside, -outside)
     return sdf.clamp(-limit, limit)
 
@@ -76,7 +83,10 @@ def signed_distance(masks, truncation=None):
 def mask_to_tsdf(masks, truncation):
     """Truncated signed distance function of binary masks, normalised to ``[-1, 1]``.
 
-    ``clamp(edt(mask) - edt(~mask), -truncation, truncation) / truncation`` (LevelSet R-CNN sec. 4.1:
+    ``clamp(sd(mask), -truncation, truncation) / truncation`` with ``sd`` the signed distance to the
+    boundary between inside and outside pixels (:func:`signed_distance` with ``half_pixel=True``:
+    +-0.5 px on the pixels next to the boundary, so the L1 and the BCE targets agree there)
+    (LevelSet R-CNN sec. 4.1:
     "we threshold the values to a fixed symmetric range and normalize to [-1, 1]"; DELSE sec. 4.1
     uses the same TSDF in pixels, i.e. this times ``truncation``). An empty mask gives -1
     everywhere, a full mask +1.
@@ -87,7 +97,7 @@ def mask_to_tsdf(masks, truncation):
     Returns:
         (R, H, W) float32 tensor.
     """
-    return signed_distance(masks, truncation) / float(truncation)
+    return signed_distance(masks, truncation, half_pixel=True) / float(truncation)
 
 
 def direction_field(masks, truncation=None):

@@ -44,9 +44,10 @@ def test_ious_match_the_predictor_and_summary_counts():
         ious = mask_util.iou(rles, gt, [0] * len(gt))  # (detections, GT)
         for r in rows:  # the same detection against its box-matched GT instance
             assert r[key] == pytest.approx(ious[r["detection"], r["gt_index"]], abs=1e-6), (mode, r)
-    lines = ae.summarise([{"iou_phi0": 0.5, "iou_phiN": 0.6, "flipped": 0.1, "gt_area": 10.0},
-                          {"iou_phi0": 0.5, "iou_phiN": 0.4, "flipped": 0.1, "gt_area": 20.0},
-                          {"iou_phi0": 0.5, "iou_phiN": 0.5, "flipped": 0.0, "gt_area": 30.0}])
+    lines = ae.summarise([{"iou_phi0": 0.5, "iou_phiN": 0.6, "flipped": 0.1, "flipped_band": 0.3, "gt_area": 10.0},
+                          {"iou_phi0": 0.5, "iou_phiN": 0.4, "flipped": 0.1, "flipped_band": 0.5, "gt_area": 20.0},
+                          {"iou_phi0": 0.5, "iou_phiN": 0.5, "flipped": 0.0, "flipped_band": 0.1, "gt_area": 30.0}])
     text = "\n".join(lines)
     assert "helps (IoU +0.01 or more) 33.3%" in text and "hurts (-0.01 or more) 33.3%" in text
     assert "| IoU change phi_0 -> phi_N | +0.0000 |" in text
+    assert "| share of the boundary band (±2 px of phi_0's zero level) flipped | 0.3000 | 0.3000 |" in text

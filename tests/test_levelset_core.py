@@ -39,7 +39,13 @@ def _crop(mask, margin=12):
 
 
 def _scipy_sdf(mask):
+    """Distance between pixel centres of opposite labels (signed_distance's default)."""
     return ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)
+
+
+def _scipy_boundary_sdf(mask):
+    """Distance to the boundary between the pixels: 0.5 px less on each side (mask_to_tsdf's)."""
+    return np.where(mask, ndimage.distance_transform_edt(mask) - 0.5, 0.5 - ndimage.distance_transform_edt(~mask))
 
 
 # ---------------------------------------------------------------- Heaviside, Dirac, differences
@@ -79,8 +85,10 @@ def test_mask_to_tsdf_equals_scipy_on_real_masks(dsb2018_dir):
     for trunc in (3.0, 7.5, 1000.0):
         for m in masks:
             ours = levelset.mask_to_tsdf(torch.from_numpy(m)[None], trunc)[0].numpy()
-            ref = np.clip(_scipy_sdf(m), -trunc, trunc) / trunc
+            ref = np.clip(_scipy_boundary_sdf(m), -trunc, trunc) / trunc
             np.testing.assert_allclose(ours, ref, atol=1e-6)
+            centres = levelset.signed_distance(torch.from_numpy(m)[None], trunc)[0].numpy()
+            np.testing.assert_allclose(centres, np.clip(_scipy_sdf(m), -trunc, trunc), atol=1e-5)
             assert ours.min() >= -1 and ours.max() <= 1
             assert (ours[m] > 0).all() and (ours[~m] < 0).all()
 
@@ -89,11 +97,16 @@ def test_mask_to_tsdf_batched_and_edge_cases():
     rng = np.random.default_rng(0)
     masks = np.stack([ndimage.gaussian_filter(rng.standard_normal((40, 56)), 3) > 0 for _ in range(5)])
     ours = levelset.mask_to_tsdf(torch.from_numpy(masks), 6.0).numpy()
-    ref = np.stack([np.clip(_scipy_sdf(m), -6, 6) / 6 for m in masks])
+    ref = np.stack([np.clip(_scipy_boundary_sdf(m), -6, 6) / 6 for m in masks])
     np.testing.assert_allclose(ours, ref, atol=1e-6)
     assert (levelset.mask_to_tsdf(torch.zeros(2, 9, 7, dtype=torch.bool), 4.0) == -1).all()
     assert (levelset.mask_to_tsdf(torch.ones(2, 9, 7, dtype=torch.bool), 4.0) == 1).all()
     assert levelset.mask_to_tsdf(torch.zeros(0, 9, 7, dtype=torch.bool), 4.0).shape == (0, 9, 7)
+    # A straight vertical edge: +-0.5 px on the two pixels next to it, then slope 1 (hand values).
+    edge = torch.zeros(1, 3, 8, dtype=torch.bool)
+    edge[:, :, :4] = True
+    row = (levelset.mask_to_tsdf(edge, 2.0) * 2.0)[0, 1].tolist()
+    assert row == [2.0, 2.0, 1.5, 0.5, -0.5, -1.5, -2.0, -2.0]
     with pytest.raises(ValueError, match="truncation"):
         levelset.mask_to_tsdf(torch.ones(1, 4, 4, dtype=torch.bool), 0)
     with pytest.raises(ValueError, match=r"\(R, H, W\)"):

@@ -79,11 +79,21 @@ def test_registration_and_config_keys():
 
 def test_head_layer_shapes_and_ranges():
     head = small_head(num_steps=3)
-    out = head.layers(torch.randn(5, 16, 14, 14))
+    x = torch.randn(5, 16, 14, 14)
+    out = head.layers(x)
     assert out["initial_tsdf"].shape == (5, 3, 28, 28)
     assert out["initial_tsdf"].abs().max() <= 1.0
     assert out["hyperparameters"].shape == (5, 2 * 3 + 3)
-    assert ((out["hyperparameters"] > 0) & (out["hyperparameters"] < 2)).all()
+    # Starting values (cfg.MODEL.LEVELSET.HYPERPARAM_INIT defaults): lambda1, lambda2, mu, eps x3, dt x3.
+    starts = torch.tensor([1.0, 1.0, 0.5, 2.0, 2.0, 2.0, 4.0, 4.0, 4.0])
+    assert torch.allclose(out["hyperparameters"], starts.expand(5, -1), rtol=1e-2)
+    # Unit L2 norm per pixel of the Chan-Vese features (where the embedding is not exactly zero).
+    assert torch.equal(out["chan_vese_features"], head.chan_vese_features(x))  # NORMALIZE_FEATURES off
+    head.normalize_features = True
+    raw_norm = head.chan_vese_features(x).norm(dim=1)
+    norm = head.layers(x)["chan_vese_features"].norm(dim=1)
+    assert (raw_norm > 1e-3).float().mean() > 0.9
+    assert torch.allclose(norm[raw_norm > 1e-3], torch.tensor(1.0), atol=1e-5)
     # Coarse embedding (2x the 14x14 RoI); the evolution uses its exact bilinear upsampling to S.
     assert out["chan_vese_features"].shape == (5, 8, 28, 28)
     hp = split_hyperparameters(out["hyperparameters"], 3)
@@ -92,7 +102,23 @@ def test_head_layer_shapes_and_ranges():
     head = small_head(num_steps=2, hyperparam_mode="global")
     assert isinstance(head.hyperparameter_head, GlobalHyperparameters)
     h = head.layers(torch.randn(4, 16, 14, 14))["hyperparameters"]
-    assert h.shape == (4, 7) and torch.allclose(h, torch.ones_like(h))  # 2 * sigmoid(0)
+    assert h.shape == (4, 7)
+    assert torch.allclose(h, torch.tensor([1.0, 1.0, 0.5, 2.0, 2.0, 4.0, 4.0]).expand(4, -1))
+
+
+def test_hyperparameters_are_bounded_by_floor_and_start():
+    from levelset_rcnn.mask_head import bounded_positive, hyperparameter_starts
+
+    start = hyperparameter_starts([1.0, 1.0, 0.5, 2.0, 4.0], 2)
+    assert start.tolist() == [1.0, 1.0, 0.5, 2.0, 2.0, 4.0, 4.0]
+    raw = torch.tensor([[-1e4] * 7, [0.0] * 7, [1e4] * 7])
+    v = bounded_positive(raw, start, 0.1)
+    assert torch.allclose(v[0], 0.1 * start) and torch.allclose(v[1], start) and torch.allclose(v[2], 1.9 * start)
+    # floor 0 is 2 * sigmoid times the start: the parametrisation before HYPERPARAM_FLOOR existed.
+    r = torch.randn(3, 7)
+    assert torch.allclose(bounded_positive(r, torch.ones(7), 0.0), 2 * torch.sigmoid(r))
+    with pytest.raises(ValueError, match="HYPERPARAM_INIT"):
+        hyperparameter_starts([1.0, 1.0, 0.5, 2.0], 3)
 
 
 def test_highres_mask_rcnn_head_outputs_112():
@@ -117,9 +143,10 @@ def test_tsdf_targets_on_real_coco_polygons(coco_sample_dir):
     expected_masks = inst.gt_masks.crop_and_resize(boxes, 112)
     assert torch.equal(masks, expected_masks)
     assert torch.equal(tsdf, levelset.mask_to_tsdf(expected_masks, 10.0))
-    # Independent oracle: scipy's exact EDT, truncated at 10 px and normalised.
+    # Independent oracle: scipy's exact EDT to the boundary between pixels (0.5 px less than
+    # between pixel centres), truncated at 10 px and normalised.
     for m, t in zip(masks.numpy(), tsdf.numpy()):
-        sdf = ndimage.distance_transform_edt(m) - ndimage.distance_transform_edt(~m)
+        sdf = np.where(m, ndimage.distance_transform_edt(m) - 0.5, 0.5 - ndimage.distance_transform_edt(~m))
         np.testing.assert_allclose(t, np.clip(sdf, -10, 10) / 10, atol=1e-5)
         assert ((t > 0) == m).all()
 

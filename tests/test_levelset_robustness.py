@@ -84,4 +84,4 @@ def test_tsdf_and_direction_field_on_degenerate_masks():
     single = torch.zeros(1, 9, 9, dtype=torch.bool)
     single[0, 4, 4] = True
     t = levelset.mask_to_tsdf(single, 3.0)
-    assert t[0, 4, 4] == 1 / 3 and t[0, 0, 0] == -1  # one pixel: +1 px inside, clamped outside
+    assert t[0, 4, 4] == 0.5 / 3 and t[0, 0, 0] == -1  # one pixel: +0.5 px inside, clamped outside

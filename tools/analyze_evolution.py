@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from figure_evolution import levelset_rcnn_detections  # noqa: E402  (same pipeline as the figures)
 
 
+BAND_PX = 2.0  # the boundary band of "flipped_band", in pixels of the evolution grid
+
+
 def _rles(masks):
     """(R, H, W) bool tensor -> list of RLEs."""
     return mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
@@ -63,7 +66,11 @@ def analyse_image(model, record, score_thresh, input_format, match_iou=0.5):
                                   dtype=torch.float32))
     best_iou, best = pairwise_iou(det_boxes, gt_boxes).max(dim=1)
     gt_rles = [to_rle(a["segmentation"], h, w) for a in gt]
-    flipped = ((phi0 > 0) != (phin > 0)).float().mean(dim=(1, 2, 3))
+    flips = (phi0 > 0) != (phin > 0)
+    flipped = flips.float().mean(dim=(1, 2, 3))
+    # Boundary band: within BAND_PX pixels (of the S x S grid) of phi_0's zero level.
+    band = phi0.abs() * model.roi_heads.mask_head.truncation <= BAND_PX
+    flipped_band = (flips & band).flatten(1).sum(1).float() / band.flatten(1).sum(1).clamp_min(1)
     rows = []
     for i in range(len(det)):
         if best_iou[i] < match_iou:
@@ -77,6 +84,7 @@ def analyse_image(model, record, score_thresh, input_format, match_iou=0.5):
             "iou_phi0": float(mask_util.iou([pasted["phi0"][i]], [g], [0])[0, 0]),
             "iou_phiN": float(mask_util.iou([pasted["phiN"][i]], [g], [0])[0, 0]),
             "flipped": float(flipped[i]),
+            "flipped_band": float(flipped_band[i]),
             "gt_area": float(mask_util.area(g)),
             **{k: v[i].cpu().tolist() for k, v in hyper.items()},
         })
@@ -87,7 +95,7 @@ def summarise(rows):
     """Markdown lines summarising per-detection rows."""
     if not rows:
         return ["no matched detections"]
-    d = {k: np.array([r[k] for r in rows]) for k in ("iou_phi0", "iou_phiN", "flipped", "gt_area")}
+    d = {k: np.array([r[k] for r in rows]) for k in ("iou_phi0", "iou_phiN", "flipped", "flipped_band", "gt_area")}
     delta = d["iou_phiN"] - d["iou_phi0"]
     lines = [f"{len(rows)} matched detections.", "",
              "| | mean | median |", "|---|---|---|",
@@ -95,6 +103,8 @@ def summarise(rows):
              f"| mask IoU of phi_N | {d['iou_phiN'].mean():.4f} | {np.median(d['iou_phiN']):.4f} |",
              f"| IoU change phi_0 -> phi_N | {delta.mean():+.4f} | {np.median(delta):+.4f} |",
              f"| share of the grid whose sign the steps flip | {d['flipped'].mean():.4f} | {np.median(d['flipped']):.4f} |",
+             f"| share of the boundary band (±{BAND_PX:g} px of phi_0's zero level) flipped | "
+             f"{d['flipped_band'].mean():.4f} | {np.median(d['flipped_band']):.4f} |",
              "", f"Evolution helps (IoU +0.01 or more) {100 * (delta >= 0.01).mean():.1f}% of detections, "
              f"hurts (-0.01 or more) {100 * (delta <= -0.01).mean():.1f}%, leaves within 0.01 the rest."]
     order = np.argsort(d["gt_area"], kind="stable")

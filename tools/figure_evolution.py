@@ -54,8 +54,7 @@ def levelset_rcnn_detections(model, image, score_thresh=0.0):
     out = head.layers(x)
     phi0 = head.upsample(select_class(out["initial_tsdf"], det.pred_classes))
     hyper = split_hyperparameters(out["hyperparameters"], head.num_steps)
-    phis = (levelset.chan_vese(phi0, out["chan_vese_features"], steps=head.num_steps, return_all=True, **hyper)
-            if len(det) else [phi0] * (head.num_steps + 1))
+    phis = head.evolve(phi0, out, return_all=True)
     scale = np.array([w / images.image_sizes[0][1], h / images.image_sizes[0][0]] * 2, dtype=np.float32)
     return det, phis, hyper, scale
 

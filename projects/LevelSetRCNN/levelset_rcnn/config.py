@@ -34,6 +34,38 @@ def add_levelset_rcnn_config(cfg):
     # Convs (ROI_MASK_HEAD.CONV_DIM wide) of the Chan-Vese features head before its upsampling
     # (the paper leaves the depth to its supplement; one keeps the branch ~1.5x Mask R-CNN's cost).
     cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 1
+    # Units the Chan-Vese steps run in. "pixels": they evolve TRUNCATION * phi_0, a TSDF in pixels
+    # of the EVOLUTION_RESOLUTION grid (slope ~1 per pixel), so eps, dt and GRAD_EPS below are in
+    # pixels. "normalized": phi_0 in [-1, 1] as predicted (slope ~1/TRUNCATION per pixel), the
+    # behaviour before this key existed; with eps = 1 there, delta_eps covers the whole RoI
+    # almost uniformly and one step at dt = 1 moves the zero level ~10 px.
+    cfg.MODEL.LEVELSET.EVOLUTION_UNITS = "pixels"
+    # Starting values of [lambda1, lambda2, mu, eps_n, dt_n] (all N steps start alike). Each is
+    # init * (FLOOR + 2 (1 - FLOOR) sigmoid(a)) of a head output a that starts at 0.
+    # eps = 2 px: delta_eps acts in a band a few pixels wide around the zero level. dt = 4 with unit
+    # features: |data term| <= 2 (|F - c|^2 <= 4), so a step moves the zero level by up to
+    # dt * 2 / (pi * eps) ~ 1.3 px. mu = 0.5: the curvature term's explicit step dt * mu / (pi eps)
+    # ~ 0.3 stays below the ~0.5 stability limit of the Sobel stencil.
+    # The normalized behaviour before this key existed: [1, 1, 1, 1, 1] with FLOOR 0.
+    cfg.MODEL.LEVELSET.HYPERPARAM_INIT = [1.0, 1.0, 0.5, 2.0, 4.0]
+    # Lower bound of every hyperparameter as a fraction of its start (upper bound: 2 - FLOOR). With
+    # 0, i.e. 2 * sigmoid, a step size near zero gets a gradient proportional to itself and stays
+    # there (the learned dt collapsed to 0.01-0.02 on DSB2018, BENCHMARKS.md section 2).
+    cfg.MODEL.LEVELSET.HYPERPARAM_FLOOR = 0.1
+    # Added in quadrature to |grad phi| in the curvature, in the evolution's units per pixel: 10% of
+    # a pixel-unit TSDF's slope. The curvature's derivative grows like 1 / GRAD_EPS on phi_0's flat
+    # plateaus (beyond the truncation, and everywhere at initialisation); 1e-3 there gave ~100x the
+    # in-band gradient. (1e-3 is the normalized behaviour before this key existed.)
+    cfg.MODEL.LEVELSET.GRAD_EPS = 0.1
+    # Unit L2 norm per pixel for the Chan-Vese features, so |F - c|^2 <= 4 and mu is on the data
+    # term's scale. Off: on the diagnostic (tools/diagnose_chan_vese.py, BENCHMARKS.md section 2b)
+    # unit features pinned lambda1, lambda2 and dt at their bounds (the capped data term is too weak
+    # for the steps the fit asks for); unnormalised features scale the data term freely.
+    cfg.MODEL.LEVELSET.NORMALIZE_FEATURES = False
+    # Clamp every Chan-Vese iterate to phi_0's range (+-TRUNCATION px), the range of the targets:
+    # unbounded, the steepening a step causes away from the zero level is punished by the L1 term
+    # even when the mask improves.
+    cfg.MODEL.LEVELSET.BOUND_PHI = True
     # Stop the phi_N loss gradient at phi_0 (Table 4 ablation "Detach phi_0").
     cfg.MODEL.LEVELSET.DETACH_PHI0 = False
     # One class-agnostic phi_0 instead of one per class (like ROI_MASK_HEAD.CLS_AGNOSTIC_MASK).

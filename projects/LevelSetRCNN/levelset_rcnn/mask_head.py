@@ -169,15 +169,39 @@ def _conv_stack(
     return nn.Sequential(*layers), in_channels
 
 
+def bounded_positive(raw: torch.Tensor, start: torch.Tensor, floor: float) -> torch.Tensor:
+    """
+    ``start * (floor + 2 (1 - floor) * sigmoid(raw))``: equals ``start`` at ``raw = 0`` and stays in
+    ``[floor, 2 - floor] * start``. ``floor = 0`` is ``2 * sigmoid`` scaled by ``start``. A floor
+    > 0 keeps a hyperparameter (and the gradient through it) from vanishing: near 0, ``2 * sigmoid``
+    leaves a gradient proportional to the value itself.
+
+    Args:
+        raw: (R, P) head outputs; start: (P,) starting values; floor: in [0, 1).
+    """
+    return start * (floor + 2.0 * (1.0 - floor) * torch.sigmoid(raw))
+
+
+def hyperparameter_starts(init: List[float], num_steps: int) -> torch.Tensor:
+    """[lambda1, lambda2, mu, eps, dt] -> (2N + 3,) starting values ordered as split_hyperparameters."""
+    if len(init) != 5:
+        raise ValueError(f"MODEL.LEVELSET.HYPERPARAM_INIT needs 5 values (lambda1, lambda2, mu, eps, dt), got {list(init)}")
+    if min(init) <= 0:
+        raise ValueError(f"MODEL.LEVELSET.HYPERPARAM_INIT must be positive, got {list(init)}")
+    l1, l2, mu, eps, dt = (float(v) for v in init)
+    return torch.tensor([l1, l2, mu] + [eps] * num_steps + [dt] * num_steps)
+
+
 class HyperparameterHead(nn.Module):
     """
     Adaptive per-RoI hyperparameters (section 4.1): convs -> average pool -> 2 FC -> 2N + 3 values
-    -> ``2 * sigmoid`` (positive, initialised at 1). The first conv has stride 2: the output is
-    pooled to one vector anyway, and this makes the head 4x cheaper.
+    -> :func:`bounded_positive` (``2 * sigmoid`` times the starting values, which they take at
+    initialisation). The first conv has stride 2: the output is pooled to one vector anyway, and
+    this makes the head 4x cheaper.
     """
 
     def __init__(self, in_channels: int, conv_dims: List[int], fc_dim: int, num_outputs: int,
-                 conv_norm: str = ""):
+                 conv_norm: str = "", start=None, floor: float = 0.0):
         super().__init__()
         self.convs, channels = _conv_stack(in_channels, conv_dims, conv_norm, first_stride=2)
         self.fc1 = nn.Linear(channels, fc_dim)
@@ -185,23 +209,29 @@ class HyperparameterHead(nn.Module):
         weight_init.c2_xavier_fill(self.fc1)
         nn.init.normal_(self.fc2.weight, std=0.001)
         nn.init.constant_(self.fc2.bias, 0.0)
+        start = torch.ones(num_outputs) if start is None else torch.as_tensor(start, dtype=torch.float32)
+        self.register_buffer("start", start, persistent=False)
+        self.floor = floor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, h, w) RoI features -> (R, 2N + 3)."""
         x = self.convs(x).mean(dim=(2, 3))
-        return 2.0 * torch.sigmoid(self.fc2(F.relu(self.fc1(x))))
+        return bounded_positive(self.fc2(F.relu(self.fc1(x))), self.start, self.floor)
 
 
 class GlobalHyperparameters(nn.Module):
-    """Ablation of section 5: one learned hyperparameter vector shared by all RoIs (2 * sigmoid)."""
+    """Ablation of section 5: one learned hyperparameter vector shared by all RoIs (as the head's)."""
 
-    def __init__(self, num_outputs: int):
+    def __init__(self, num_outputs: int, start=None, floor: float = 0.0):
         super().__init__()
         self.raw = nn.Parameter(torch.zeros(num_outputs))
+        start = torch.ones(num_outputs) if start is None else torch.as_tensor(start, dtype=torch.float32)
+        self.register_buffer("start", start, persistent=False)
+        self.floor = floor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, ...) -> (R, 2N + 3)."""
-        return (2.0 * torch.sigmoid(self.raw)).expand(x.size(0), -1)
+        return bounded_positive(self.raw[None], self.start, self.floor).expand(x.size(0), -1)
 
 
 class ChanVeseFeaturesHead(nn.Module):
@@ -414,6 +444,12 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         loss_weight_phin: float = 1.0,
         detach_phi0: bool = False,
         inference_tsdf: str = "final",
+        evolution_units: str = "pixels",
+        hyperparam_init: List[float] = (1.0, 1.0, 0.5, 2.0, 4.0),
+        hyperparam_floor: float = 0.1,
+        grad_eps: float = 0.1,
+        normalize_features: bool = False,
+        bound_phi: bool = True,
         **kwargs,
     ):
         """
@@ -426,17 +462,31 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             loss_weight_phin: weight of l_TSDF(phi_N).
             detach_phi0: stop the gradient of the phi_N loss at phi_0 (Table 4).
             inference_tsdf: "final" (phi_N) or "initial" (phi_0) becomes pred_masks.
+            evolution_units: "pixels" (the steps evolve ``truncation * phi_0``, a TSDF in pixels
+                of the S x S grid with slope ~1) or "normalized" (phi_0 in [-1, 1] as predicted).
+            hyperparam_init: starting values of lambda1, lambda2, mu, eps, dt (eps in the
+                evolution's units; every step starts alike).
+            hyperparam_floor: each hyperparameter stays in [floor, 2 - floor] x its start.
+            grad_eps: |grad phi| regularisation of the curvature, in the evolution's units per pixel.
+            normalize_features: the Chan-Vese features have unit L2 norm per pixel.
+            bound_phi: clamp every iterate to phi_0's range (+-truncation in pixels, +-1 normalised),
+                the range of the targets.
             kwargs: arguments of :class:`TSDFMaskRCNNHead`.
         """
         super().__init__(input_shape, **kwargs)
         num_outputs = 2 * num_steps + 3
+        if evolution_units not in ("pixels", "normalized"):
+            raise ValueError(f"Unknown LEVELSET.EVOLUTION_UNITS {evolution_units!r}")
+        if not 0.0 <= hyperparam_floor < 1.0:
+            raise ValueError(f"MODEL.LEVELSET.HYPERPARAM_FLOOR must be in [0, 1), got {hyperparam_floor}")
+        starts = hyperparameter_starts(list(hyperparam_init), num_steps)
         if hyperparam_mode == "adaptive":
             self.hyperparameter_head = HyperparameterHead(
                 input_shape.channels, list(hyperparam_conv_dims), hyperparam_fc_dim, num_outputs,
-                kwargs.get("conv_norm", ""),
+                kwargs.get("conv_norm", ""), start=starts, floor=hyperparam_floor,
             )
         elif hyperparam_mode == "global":
-            self.hyperparameter_head = GlobalHyperparameters(num_outputs)
+            self.hyperparameter_head = GlobalHyperparameters(num_outputs, start=starts, floor=hyperparam_floor)
         else:
             raise ValueError(f"Unknown LEVELSET.HYPERPARAM_MODE {hyperparam_mode!r}")
         self.chan_vese_features = ChanVeseFeaturesHead(
@@ -449,6 +499,11 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         self.loss_weight_phin = loss_weight_phin
         self.detach_phi0 = detach_phi0
         self.inference_tsdf = inference_tsdf
+        # phi_0 (in [-1, 1]) times this is what the steps evolve.
+        self.evolution_scale = self.truncation if evolution_units == "pixels" else 1.0
+        self.grad_eps = grad_eps
+        self.normalize_features = normalize_features
+        self.bound_phi = bound_phi
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -456,7 +511,8 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         ls = cfg.MODEL.LEVELSET
         if ls.NUM_STEPS < 1:
             raise ValueError(f"MODEL.LEVELSET.NUM_STEPS must be >= 1 (unrolled Chan-Vese steps), got {ls.NUM_STEPS}")
-        for key, allowed in (("HYPERPARAM_MODE", ("adaptive", "global")), ("INFERENCE_TSDF", ("final", "initial"))):
+        for key, allowed in (("HYPERPARAM_MODE", ("adaptive", "global")), ("INFERENCE_TSDF", ("final", "initial")),
+                             ("EVOLUTION_UNITS", ("pixels", "normalized"))):
             if ls[key] not in allowed:
                 raise ValueError(f"MODEL.LEVELSET.{key} must be one of {allowed}, got {ls[key]!r}")
         conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
@@ -470,6 +526,12 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             loss_weight_phin=ls.LOSS_WEIGHT_PHIN,
             detach_phi0=ls.DETACH_PHI0,
             inference_tsdf=ls.INFERENCE_TSDF,
+            evolution_units=ls.EVOLUTION_UNITS,
+            hyperparam_init=list(ls.HYPERPARAM_INIT),
+            hyperparam_floor=ls.HYPERPARAM_FLOOR,
+            grad_eps=ls.GRAD_EPS,
+            normalize_features=ls.NORMALIZE_FEATURES,
+            bound_phi=ls.BOUND_PHI,
         )
         return ret
 
@@ -478,27 +540,38 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         Returns:
             initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1] (upsampled to S after selection),
             hyperparameters: (R, 2N + 3) = lambda1, lambda2, mu, eps_1..N, dt_1..N, all positive,
+                eps in the evolution's units (pixels of the S x S grid by default),
             chan_vese_features: (R, C, 2h, 2w), standing for its bilinear upsampling to S x S
-                (``levelset.chan_vese`` evolves on that upsampling exactly, without building it).
+                (``levelset.chan_vese`` evolves on that upsampling exactly, without building it);
+                unit L2 norm per pixel with ``normalize_features``.
         """
+        features = self.chan_vese_features(x)
+        if self.normalize_features:
+            features = F.normalize(features, dim=1, eps=1e-6)
         return {
             "initial_tsdf": self.initial_tsdf(x),
             "hyperparameters": self.hyperparameter_head(x),
-            "chan_vese_features": self.chan_vese_features(x),
+            "chan_vese_features": features,
         }
 
-    def evolve(self, phi0: torch.Tensor, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """phi_N after N Chan-Vese steps (Eq. 7) from phi_0 (R, 1, S, S)."""
-        if not self.training and self.inference_tsdf == "initial":
-            return phi0
-        if phi0.shape[0] == 0:
-            return phi0
-        return levelset.chan_vese(
-            phi0.detach() if self.detach_phi0 else phi0,
+    def evolve(self, phi0: torch.Tensor, outputs: Dict[str, torch.Tensor], return_all: bool = False):
+        """
+        phi_N after N Chan-Vese steps (Eq. 7) from phi_0 (R, 1, S, S), both in [-1, 1] units; the
+        steps run on ``evolution_scale * phi_0``. With ``return_all`` the list phi_0..phi_N.
+        """
+        if (not self.training and self.inference_tsdf == "initial") or phi0.shape[0] == 0:
+            return [phi0] * (self.num_steps + 1) if return_all else phi0
+        scale = self.evolution_scale
+        phis = levelset.chan_vese(
+            (phi0.detach() if self.detach_phi0 else phi0) * scale,
             outputs["chan_vese_features"],
             steps=self.num_steps,
+            grad_eps=self.grad_eps,
+            phi_bound=scale if self.bound_phi else None,
+            return_all=return_all,
             **split_hyperparameters(outputs["hyperparameters"], self.num_steps),
         )
+        return [p / scale for p in phis] if return_all else phis / scale
 
     def loss_terms(self, phi0: torch.Tensor, phi_n: torch.Tensor) -> Dict[str, Tuple]:
         terms = super().loss_terms(phi0, phi_n)
