@@ -83,12 +83,14 @@ def test_mapper_targets_on_real_instances(cfg, instances):
             assert dist_to_mask[yi, xi] <= 1.5
         peak_y, peak_x = np.unravel_index(heat.argmax(), heat.shape)
         assert np.min(np.hypot(*(out["extreme_points"].numpy() - [peak_x, peak_y]).T)) <= 1.0
-        # TSDF in input pixels: positive inside, truncated at D, equal to the exact signed EDT.
+        # TSDF in input pixels: positive inside, truncated at D, equal to the exact signed EDT to the
+        # boundary between inside and outside pixels (0.5 px less than between pixel centres).
         tsdf = out["gt_tsdf"][0].numpy()
         assert out["gt_tsdf"].shape == (1, S, S)
         assert (tsdf[mask] > 0).all() and (tsdf[~mask] < 0).all()
         assert np.abs(tsdf).max() <= D + 1e-4
-        exact = np.clip(ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask), -D, D)
+        exact = np.clip(np.where(mask, ndimage.distance_transform_edt(mask) - 0.5,
+                                 0.5 - ndimage.distance_transform_edt(~mask)), -D, D)
         np.testing.assert_allclose(tsdf, exact, atol=1e-3)
         assert (tsdf == -D).any()  # the 20 px margin leaves background beyond the truncation
         # Direction field: unit vectors; a step along them gets closer to the GT boundary.

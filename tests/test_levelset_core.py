@@ -184,6 +184,24 @@ def test_hyperparameter_forms_are_equivalent():
         levelset.chan_vese(phi, feats[:2], lambda1=1.0, lambda2=1.0, mu=0.2, eps=0.3, dt=0.1, steps=2)
 
 
+def test_chan_vese_phi_bound_clamps_every_step_and_grad_eps_is_used():
+    torch.manual_seed(0)
+    phi, feats = 3 * torch.randn(2, 1, 16, 16, dtype=torch.float64), 4 * torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    kw = dict(lambda1=1.0, lambda2=1.0, mu=0.5, eps=1.0, dt=2.0)
+    # Two bounded steps = clamp(step(clamp(step(phi)))), composed by hand from unbounded single steps.
+    one = lambda p: levelset.chan_vese(p, feats, steps=1, **kw)
+    by_hand = one(one(phi).clamp(-2, 2)).clamp(-2, 2)
+    bounded = levelset.chan_vese(phi, feats, steps=2, phi_bound=2.0, **kw)
+    assert torch.allclose(bounded, by_hand, atol=1e-12) and bounded.abs().max() <= 2.0
+    assert levelset.chan_vese(phi, feats, steps=2, **kw).abs().max() > 2.0  # the bound did something
+    # grad_eps reaches the curvature term: mu = 0 makes it irrelevant, mu > 0 does not.
+    a = levelset.chan_vese(phi, feats, steps=1, grad_eps=0.5, **kw)
+    b = levelset.chan_vese(phi, feats, steps=1, **kw)
+    assert not torch.allclose(a, b)
+    kw0 = dict(kw, mu=0.0)
+    assert torch.equal(levelset.chan_vese(phi, feats, steps=1, grad_eps=0.5, **kw0), levelset.chan_vese(phi, feats, steps=1, **kw0))
+
+
 def test_evolutions_are_autocast_safe():
     torch.manual_seed(0)
     phi, feats = torch.randn(2, 1, 16, 16), torch.randn(2, 8, 16, 16)

@@ -214,3 +214,20 @@ def test_train_loader_of_train_net_runs_past_bad_files(tmp_path, caplog):
     # The test loader leaves the unreadable images out (no image may be evaluated twice).
     loader = train_net.Trainer.build_test_loader(_cfg(), name)
     assert [d[0]["file_name"] for d in loader] == [good]
+
+
+def test_registered_coco_datasets_keep_the_annotation_ids_of_the_json(coco_sample_dir):
+    """Bad-sample messages name the json's annotation id: load_coco_json must be asked to keep it."""
+    import json
+
+    from detectron2.data import DatasetCatalog
+
+    raw = json.loads((coco_sample_dir / "instances_val2017_subset.json").read_text())
+    by_image = {}
+    for a in raw["annotations"]:
+        by_image.setdefault(a["image_id"], set()).add(a["id"])
+    records = DatasetCatalog.get("coco_sample_val2017")
+    assert records
+    for r in records:
+        assert {a["id"] for a in r["annotations"]} <= by_image[r["image_id"]]
+        assert len(r["annotations"]) > 0

@@ -21,13 +21,15 @@ def simulate_correction(phi, gt_mask, min_error=1.0):
     """The simulated annotator's drag: the most erroneous predicted boundary point onto the GT.
 
     ``(x, y)*_pred = argmax over the predicted zero level set of DT`` (DT: distance to the GT
-    boundary), dragged to its nearest GT contour point. With an empty prediction the drag starts
-    at the maximum of ``phi`` (the place closest to turning foreground).
+    boundary, the line between GT and non-GT pixels, so a boundary pixel that is also a GT boundary
+    pixel is 0.5 px from it), dragged to its nearest GT contour point. With an empty prediction the
+    drag starts at the maximum of ``phi`` (the place closest to turning foreground).
 
     Args:
         phi: (H, W) predicted level set, positive inside.
         gt_mask: (H, W) bool, not empty.
-        min_error: no drag when the worst predicted boundary point is within this many pixels.
+        min_error: no drag when the worst predicted boundary point is within this many pixels of
+            the GT boundary: a perfect mask (all at 0.5 px) and one off by a pixel get none.
     Returns:
         (from_xy, to_xy): two (2,) float tensors, or None.
     """
@@ -38,7 +40,7 @@ def simulate_correction(phi, gt_mask, min_error=1.0):
         return None
     pred_boundary = boundary_pixels(pred)
     if pred_boundary.any():
-        dist_to_gt = levelset.signed_distance(gt_mask[None])[0].abs()
+        dist_to_gt = levelset.signed_distance(gt_mask[None], half_pixel=True)[0].abs()
         err = torch.where(pred_boundary, dist_to_gt, torch.full_like(dist_to_gt, -1.0))
         if err.max() < min_error:
             return None

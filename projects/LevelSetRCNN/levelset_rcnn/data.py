@@ -55,13 +55,19 @@ def _generate_synthetic(name: str) -> Path:
     )
 
 
+def _load_coco_json(json_file, image_root, name):
+    """Detectron2's ``load_coco_json``, keeping each annotation's ``id`` (it drops it by default),
+    so that a bad annotation is reported by the id it has in the json."""
+    return load_coco_json(str(json_file), str(image_root), name, extra_annotation_keys=["id"])
+
+
 def _register_synthetic(name: str) -> None:
     split = SYNTHETIC_SPLITS[name][0]
     json_file = synthetic_root() / f"{split}.json"  # root fixed at registration (import)
 
     def load():
         path = _generate_synthetic(name)
-        return load_coco_json(str(path), str(path.with_suffix("")), name)
+        return _load_coco_json(path, path.with_suffix(""), name)
 
     DatasetCatalog.register(name, load)
     from levelset.synthetic import SYNTHETIC_CATEGORIES
@@ -77,7 +83,7 @@ def _register_synthetic(name: str) -> None:
 
 def _register_coco_json(name: str, json_file: Path, image_root: Path, **metadata) -> None:
     """``register_coco_instances`` with extra metadata; nothing is read until the dataset is used."""
-    DatasetCatalog.register(name, lambda: load_coco_json(str(json_file), str(image_root), name))
+    DatasetCatalog.register(name, lambda: _load_coco_json(json_file, image_root, name))
     MetadataCatalog.get(name).set(
         json_file=str(json_file), image_root=str(image_root), evaluator_type="coco", **metadata
     )
