@@ -153,13 +153,12 @@ def iou(a, b):
 def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch, seed):
     torch.manual_seed(seed)
     head = LevelSetMaskHead(cfg, ShapeSpec(channels=data["fit"]["x"].shape[1], height=14, width=14))
-    params = list(head.hyperparameter_head.parameters()) + list(head.chan_vese_features.parameters())
     trainable = torch.nn.ModuleList([head.hyperparameter_head, head.chan_vese_features])
+    params = list(trainable.parameters())
     optim_cls = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
     optimizer = optim_cls(get_default_optimizer_params(trainable, base_lr=cfg.SOLVER.BASE_LR,
                                                        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM),
                           lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(p.numel() for p in params)
     fit = data["fit"]
     fit_tsdf = targets(fit["gt"], truncation, target_kind)
     g = torch.Generator().manual_seed(seed)

@@ -42,10 +42,11 @@ def add_levelset_rcnn_config(cfg):
     cfg.MODEL.LEVELSET.EVOLUTION_UNITS = "pixels"
     # Starting values of [lambda1, lambda2, mu, eps_n, dt_n] (all N steps start alike). Each is
     # init * (FLOOR + 2 (1 - FLOOR) sigmoid(a)) of a head output a that starts at 0.
-    # eps = 2 px: delta_eps acts in a band a few pixels wide around the zero level. dt = 4 with unit
-    # features: |data term| <= 2 (|F - c|^2 <= 4), so a step moves the zero level by up to
-    # dt * 2 / (pi * eps) ~ 1.3 px. mu = 0.5: the curvature term's explicit step dt * mu / (pi eps)
-    # ~ 0.3 stays below the ~0.5 stability limit of the Sobel stencil.
+    # eps = 2 px: delta_eps acts in a band a few pixels wide around the zero level. dt = 4: a data
+    # term of ~2 (two well-separated unit features) moves the zero level by dt * 2 / (pi * eps)
+    # ~ 1.3 px per step; raw features (NORMALIZE_FEATURES off) can scale that up as they learn.
+    # mu = 0.5: the curvature term's explicit step dt * mu / (pi eps) ~ 0.3 stays below the ~0.5
+    # stability limit of the Sobel stencil. Learned on DSB2018: dt 1.6-1.9, eps 3.6 px.
     # The normalized behaviour before this key existed: [1, 1, 1, 1, 1] with FLOOR 0.
     cfg.MODEL.LEVELSET.HYPERPARAM_INIT = [1.0, 1.0, 0.5, 2.0, 4.0]
     # Lower bound of every hyperparameter as a fraction of its start (upper bound: 2 - FLOOR). With

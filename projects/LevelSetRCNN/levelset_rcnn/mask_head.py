@@ -182,6 +182,13 @@ def bounded_positive(raw: torch.Tensor, start: torch.Tensor, floor: float) -> to
     return start * (floor + 2.0 * (1.0 - floor) * torch.sigmoid(raw))
 
 
+def _register_starts(module: nn.Module, start, num_outputs: int, floor: float) -> None:
+    """The (num_outputs,) starting values (ones by default) and the floor of :func:`bounded_positive`."""
+    start = torch.ones(num_outputs) if start is None else torch.as_tensor(start, dtype=torch.float32)
+    module.register_buffer("start", start, persistent=False)
+    module.floor = floor
+
+
 def hyperparameter_starts(init: List[float], num_steps: int) -> torch.Tensor:
     """[lambda1, lambda2, mu, eps, dt] -> (2N + 3,) starting values ordered as split_hyperparameters."""
     if len(init) != 5:
@@ -209,9 +216,7 @@ class HyperparameterHead(nn.Module):
         weight_init.c2_xavier_fill(self.fc1)
         nn.init.normal_(self.fc2.weight, std=0.001)
         nn.init.constant_(self.fc2.bias, 0.0)
-        start = torch.ones(num_outputs) if start is None else torch.as_tensor(start, dtype=torch.float32)
-        self.register_buffer("start", start, persistent=False)
-        self.floor = floor
+        _register_starts(self, start, num_outputs, floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, h, w) RoI features -> (R, 2N + 3)."""
@@ -225,9 +230,7 @@ class GlobalHyperparameters(nn.Module):
     def __init__(self, num_outputs: int, start=None, floor: float = 0.0):
         super().__init__()
         self.raw = nn.Parameter(torch.zeros(num_outputs))
-        start = torch.ones(num_outputs) if start is None else torch.as_tensor(start, dtype=torch.float32)
-        self.register_buffer("start", start, persistent=False)
-        self.floor = floor
+        _register_starts(self, start, num_outputs, floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, ...) -> (R, 2N + 3)."""
