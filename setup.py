@@ -1,17 +1,25 @@
 from setuptools import setup
 
-# Three import packages from one repo: the shared level-set core at the root and the two
-# Detectron2 projects, laid out like detectron2's own projects/ folder.
+# Four import packages from one repo: the shared level-set core (pure PyTorch) and the shared
+# Detectron2 layer at the root, and the two Detectron2 projects, laid out like detectron2's own
+# projects/ folder. The entry points let levelset_d2.get_cfg() declare every installed project's keys.
 setup(
     name="deep-levelset",
     version="0.1.0",
     description="LevelSet R-CNN and DELSE for Detectron2, on one shared level-set core",
     python_requires=">=3.8",
-    packages=["levelset", "levelset_rcnn", "delse"],
+    packages=["levelset", "levelset_d2", "levelset_rcnn", "delse"],
     package_dir={
         "levelset": "levelset",
+        "levelset_d2": "levelset_d2",
         "levelset_rcnn": "projects/LevelSetRCNN/levelset_rcnn",
         "delse": "projects/DELSE/delse",
+    },
+    entry_points={
+        "levelset_d2.config": [
+            "levelset_rcnn = levelset_rcnn:add_levelset_rcnn_config",
+            "delse = delse:add_delse_config",
+        ],
     },
     install_requires=["torch", "torchvision", "numpy", "scipy", "opencv-python-headless", "pycocotools"],
 )

@@ -15,7 +15,6 @@ sys.path.insert(0, str(REPO / "tools"))
 def test_ious_match_the_predictor_and_summary_counts():
     import analyze_evolution as ae
     import levelset_rcnn
-    from delse.data import to_rle
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
@@ -33,7 +32,13 @@ def test_ious_match_the_predictor_and_summary_counts():
     assert len(rows) > 5 and any(r["iou_phiN"] > 0 for r in rows) and any(r["iou_phi0"] > 0 for r in rows)
     image = read_image(record["file_name"], format="BGR")
     h, w = image.shape[:2]
-    gt = [to_rle(a["segmentation"], h, w) for a in record["annotations"]]
+    gt = []  # COCO polygons or RLE (synthetic annotations mix both) -> one compressed RLE each
+    for a in record["annotations"]:
+        seg = a["segmentation"]
+        if isinstance(seg, list):
+            gt.append(mask_util.merge(mask_util.frPyObjects(seg, h, w)))
+        else:
+            gt.append(mask_util.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg)
     for mode, key in (("final", "iou_phiN"), ("initial", "iou_phi0")):
         c = cfg.clone()
         c.MODEL.LEVELSET.INFERENCE_TSDF = mode

@@ -12,7 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import Boxes, Instances
 
-from levelset_rcnn.boundary_evaluation import BoundaryEvaluator
+from levelset_d2.boundary_evaluation import BoundaryEvaluator
 
 
 @pytest.fixture(scope="module")

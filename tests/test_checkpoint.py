@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from levelset_rcnn.checkpoint import SafeDetectionCheckpointer, UnsafeCheckpointError
+from levelset_d2.checkpoint import SafeDetectionCheckpointer, UnsafeCheckpointError
 
 
 class _Payload:

@@ -32,11 +32,9 @@ PAPER_MIOU = {
 
 
 def _cfg(path=TINY, **overrides):
-    import levelset_rcnn
+    import delse
 
-    import delse  # noqa: F401
-
-    cfg = levelset_rcnn.get_cfg()
+    cfg = delse.get_cfg()
     cfg.merge_from_file(str(path))
     cfg.MODEL.DEVICE = "cpu"
     cfg.merge_from_list([x for kv in overrides.items() for x in kv])

@@ -12,9 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cfg():
-    import levelset_rcnn
+    import delse
 
-    c = levelset_rcnn.get_cfg()
+    c = delse.get_cfg()
     c.merge_from_file(str(REPO / "configs/DELSE/tiny_delse_coco_sample.yaml"))
     c.INPUT.DELSE.INPUT_SIZE = 96
     c.INPUT.DELSE.CROP_MARGIN = 20

@@ -173,7 +173,7 @@ def test_cityscapes_polyrnn_split_by_city(monkeypatch):
 
 
 def test_coco_sample_folds_partition_the_images(coco_sample_dir):
-    import levelset_rcnn  # noqa: F401  (registers the folds)
+    import delse
 
     all_ids = {r["image_id"] for r in DatasetCatalog.get("coco_sample_val2017")}
     tests = []

@@ -20,9 +20,9 @@ TINY = REPO / "configs/DELSE/tiny_delse_coco_sample.yaml"
 
 
 def _cfg(**overrides):
-    import levelset_rcnn
+    import delse
 
-    cfg = levelset_rcnn.get_cfg()
+    cfg = delse.get_cfg()
     cfg.merge_from_file(str(TINY))
     cfg.MODEL.DEVICE = "cpu"
     for k, v in overrides.items():

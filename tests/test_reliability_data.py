@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 from detectron2.utils.events import EventStorage
-from levelset_rcnn.robust_data import (
+from levelset_d2.robust_data import (
     BadSampleError,
     LevelSetDatasetMapper,
     RobustDatasetMapper,
@@ -64,7 +64,7 @@ def test_gray_rgba_and_16bit_images_become_8bit_bgr(tmp_path, caplog):
     cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
     deep = (np.tile(np.arange(128, dtype=np.uint16), (64, 1)) * 512).astype(np.uint16)  # up to 65024
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
-    with caplog.at_level(logging.INFO, logger="levelset_rcnn.robust_data"):
+    with caplog.at_level(logging.INFO, logger="levelset_d2.robust_data"):
         out = {n: read_image(str(tmp_path / f"{n}.png"), "BGR") for n in ("gray", "rgba", "deep")}
     for n, img in out.items():
         assert img.shape == (64, 128, 3) and img.dtype == np.uint8, n
@@ -87,7 +87,7 @@ def test_unreadable_image_is_skipped_with_its_name_or_raised_when_strict(tmp_pat
     cfg = _cfg()
     record = _record(str(path), [_ann(7, (10, 10, 50, 40))])
     mapper = RobustDatasetMapper(LevelSetDatasetMapper(cfg, True))
-    with caplog.at_level(logging.WARNING, logger="levelset_rcnn.robust_data"):
+    with caplog.at_level(logging.WARNING, logger="levelset_d2.robust_data"):
         assert mapper(record) is None
         assert mapper(record) is None
     assert mapper.num_skipped == 2
@@ -100,7 +100,7 @@ def test_unreadable_image_is_skipped_with_its_name_or_raised_when_strict(tmp_pat
 def test_image_whose_size_is_not_the_records_is_skipped_naming_it(tmp_path, caplog):
     record = _record(_image(tmp_path / "small.jpg"), [_ann(4, (10, 10, 50, 40))], h=200, w=200)
     mapper = RobustDatasetMapper(LevelSetDatasetMapper(_cfg(), True))
-    with caplog.at_level(logging.WARNING, logger="levelset_rcnn.robust_data"):
+    with caplog.at_level(logging.WARNING, logger="levelset_d2.robust_data"):
         assert mapper(record) is None
     assert "small.jpg" in caplog.text and mapper.num_skipped == 1
     assert "SizeMismatchError" in caplog.text
@@ -137,7 +137,7 @@ def test_bad_boxes_and_masks_are_clipped_or_dropped_with_their_annotation_id(tmp
         dict(_ann(8, (0, 0, 128, 96)), segmentation=rle),             # RLE of another size
         dict(_ann(9, (0, 0, 128, 50)), iscrowd=1),                    # crowd: kept
     ]
-    with caplog.at_level(logging.INFO, logger="levelset_rcnn.robust_data"):
+    with caplog.at_level(logging.INFO, logger="levelset_d2.robust_data"):
         out = repair_annotations(_record("img.jpg", anns), h, w)
     kept = {a["id"]: a for a in out["annotations"]}
     assert sorted(kept) == [1, 5, 7, 9]
@@ -187,7 +187,7 @@ def test_many_instances_tiny_rois_and_large_images_train(tmp_path):
 def test_train_loader_of_train_net_runs_past_bad_files(tmp_path, caplog):
     sys.path.insert(0, str(REPO))
     try:
-        import train_net
+        from levelset_d2 import engine
     finally:
         sys.path.remove(str(REPO))
     good = _image(tmp_path / "good.jpg")
@@ -201,18 +201,18 @@ def test_train_loader_of_train_net_runs_past_bad_files(tmp_path, caplog):
     DatasetCatalog.register(name, lambda: records)
     MetadataCatalog.get(name).set(thing_classes=["a", "b", "c", "d"])
     cfg = _cfg(SOLVER__IMS_PER_BATCH=2, DATASETS__TRAIN=(name,))
-    with caplog.at_level(logging.WARNING, logger="levelset_rcnn.robust_data"):
-        it = iter(train_net.Trainer.build_train_loader(cfg))
+    with caplog.at_level(logging.WARNING, logger="levelset_d2.robust_data"):
+        it = iter(engine.Trainer.build_train_loader(cfg))
         batches = [next(it) for _ in range(4)]
     assert all(len(b) == 2 and all(d["file_name"] == good for d in b) for b in batches)
     assert "missing.jpg" in caplog.text and "corrupt.jpg" in caplog.text
     cfg = _cfg(SOLVER__IMS_PER_BATCH=2, DATASETS__TRAIN=(name,), DATALOADER__STRICT=True)
     with pytest.raises(BadSampleError, match=r"(missing|corrupt)\.jpg"):
-        it = iter(train_net.Trainer.build_train_loader(cfg))
+        it = iter(engine.Trainer.build_train_loader(cfg))
         for _ in range(10):
             next(it)
     # The test loader leaves the unreadable images out (no image may be evaluated twice).
-    loader = train_net.Trainer.build_test_loader(_cfg(), name)
+    loader = engine.Trainer.build_test_loader(_cfg(), name)
     assert [d[0]["file_name"] for d in loader] == [good]
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import levelset_rcnn
+import delse
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 
@@ -20,7 +20,7 @@ H, W = 80, 120
 
 
 def _cfg(*opts):
-    cfg = levelset_rcnn.get_cfg()
+    cfg = delse.get_cfg()
     cfg.merge_from_file(str(TINY))
     cfg.MODEL.DEVICE = "cpu"
     cfg.merge_from_list(list(opts))
@@ -119,7 +119,7 @@ def test_delse_train_loader_skips_an_unusable_instance(tmp_path, caplog):
     DatasetCatalog.register(name, lambda: records)
     MetadataCatalog.get(name).set(thing_classes=["x"])
     cfg = _cfg("DATASETS.TRAIN", (name,), "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0)
-    with caplog.at_level(logging.WARNING, logger="levelset_rcnn.robust_data"):
+    with caplog.at_level(logging.WARNING, logger="levelset_d2.robust_data"):
         it = iter(build_delse_train_loader(cfg))
         batches = [next(it) for _ in range(3)]
     assert all(d["file_name"].endswith("good.png") for b in batches for d in b)
@@ -138,7 +138,7 @@ def test_delse_test_loader_leaves_out_images_that_do_not_open(tmp_path, caplog):
     name = f"reliability_delse_test_{tmp_path.name}"
     DatasetCatalog.register(name, lambda: records)
     MetadataCatalog.get(name).set(thing_classes=["x"])
-    with caplog.at_level(logging.WARNING, logger="levelset_rcnn.robust_data"):
+    with caplog.at_level(logging.WARNING, logger="levelset_d2.robust_data"):
         samples = [b[0] for b in build_delse_test_loader(_cfg("DATALOADER.NUM_WORKERS", 0), name)]
     assert [s["file_name"] for s in samples] == [str(tmp_path / "good.png")]
     assert "broken.png" in caplog.text

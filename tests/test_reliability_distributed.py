@@ -20,11 +20,11 @@ DRIVER = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import detectron2.utils.comm as comm
     from detectron2.engine import default_argument_parser, hooks, launch
-    import train_net
+    from levelset_d2 import engine
 
     def main(args, kill_rank_at):
-        cfg = train_net.setup(args)
-        trainer = train_net.Trainer(cfg)
+        cfg = engine.setup(args)
+        trainer = engine.Trainer(cfg)
         trainer.resume_or_load(resume=False)
         if kill_rank_at is not None:
             rank, iteration = kill_rank_at

@@ -17,7 +17,7 @@ import levelset_rcnn
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
-from levelset_rcnn.config import check_registered_names
+from levelset_d2.config import check_registered_names
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def _register_tiny_dataset(tmp_path, n=4):
 def test_nan_loss_stops_the_run_naming_the_term_and_iteration(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO))
     try:
-        import train_net
+        from levelset_d2 import engine
     finally:
         sys.path.remove(str(REPO))
     from detectron2.utils.events import get_event_storage
@@ -119,7 +119,7 @@ def test_nan_loss_stops_the_run_naming_the_term_and_iteration(tmp_path, monkeypa
     name = _register_tiny_dataset(tmp_path)
     cfg = _cfg("DATASETS.TRAIN", (name,), "DATASETS.TEST", (), "SOLVER.IMS_PER_BATCH", 2,
                "SOLVER.MAX_ITER", 6, "OUTPUT_DIR", tmp_path / "out", "INPUT.MASK_FORMAT", "polygon")
-    trainer = train_net.Trainer(cfg)
+    trainer = engine.Trainer(cfg)
     with pytest.raises(FloatingPointError, match=r"(?s)iteration=2!.*'loss_tsdf_final': (np\.float64\()?nan"):
         trainer.train()
     assert trainer.iter == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import pytest
 
+import levelset_d2
 import levelset_rcnn
 from detectron2.engine import DefaultPredictor
 
@@ -49,7 +50,7 @@ def test_eval_only_prints_segm_ap_and_exports_polygons(trained, tmp_path):
     results = json.loads((tmp_path / "inference" / "coco_instances_results.json").read_text())
     assert len(results) > 0
     # Official category ids (not contiguous indices), RLE for AP, sub-pixel polygons beside it.
-    valid_ids = set(levelset_rcnn.data._get_builtin_metadata("coco")["thing_dataset_id_to_contiguous_id"])
+    valid_ids = set(levelset_d2.datasets._get_builtin_metadata("coco")["thing_dataset_id_to_contiguous_id"])
     assert {r["category_id"] for r in results} <= valid_ids
     assert all("counts" in r["segmentation"] for r in results)
     with_polygons = [r for r in results if r["polygons"]]
@@ -94,7 +95,7 @@ def _train_net_module():
 def test_evaluators_follow_dataset_metadata(tmp_path, coco_sample_dir):
     from detectron2.evaluation import CityscapesInstanceEvaluator, DatasetEvaluators
 
-    from levelset_rcnn.boundary_evaluation import BoundaryEvaluator
+    from levelset_d2.boundary_evaluation import BoundaryEvaluator
     from levelset_rcnn.evaluation import LevelSetCOCOEvaluator
 
     Trainer = _train_net_module().Trainer

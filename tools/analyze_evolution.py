@@ -30,7 +30,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
-from levelset_rcnn.checkpoint import SafeDetectionCheckpointer
+from levelset_d2.checkpoint import SafeDetectionCheckpointer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from figure_evolution import levelset_rcnn_detections  # noqa: E402  (same pipeline as the figures)

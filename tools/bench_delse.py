@@ -49,11 +49,9 @@ def slug(name):
 
 
 def load_cfg(name, opts):
-    import levelset_rcnn  # registers dsb2018_{train,dev}
+    import delse
 
-    import delse  # noqa: F401  (registers DELSE)
-
-    cfg = levelset_rcnn.get_cfg()
+    cfg = delse.get_cfg()
     cfg.merge_from_file(str(CONFIGS[name]))
     cfg.merge_from_list([str(o) for o in opts])
     return cfg

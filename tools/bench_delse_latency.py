@@ -27,11 +27,10 @@ def main():
     args = ap.parse_args()
 
     import delse
-    import levelset_rcnn
     from detectron2.data import DatasetCatalog
     from detectron2.structures import PolygonMasks
 
-    cfg = levelset_rcnn.get_cfg()
+    cfg = delse.get_cfg()
     cfg.merge_from_file(args.config)
     # The editing block exists once the model is trained with simulated corrections.
     cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.DELSE.NUM_CORRECTIONS", "1"])

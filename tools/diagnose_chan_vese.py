@@ -39,7 +39,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, BoxMode, pairwise_iou
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
-from levelset_rcnn.checkpoint import SafeDetectionCheckpointer
+from levelset_d2.checkpoint import SafeDetectionCheckpointer
 from levelset_rcnn.mask_head import LevelSetMaskHead, select_class, tsdf_loss
 
 # The parametrisation before EVOLUTION_UNITS & co. (session 3): normalised units, 2 * sigmoid

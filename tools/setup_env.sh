@@ -24,5 +24,5 @@ else
     --only-binary=:all: sal-detectron2==0.7.2
 fi
 $VPY -m pip install -q --no-deps --no-build-isolation -e .
-$VPY -c "import detectron2, levelset, levelset_rcnn, delse; print('setup: ok, detectron2', detectron2.__version__)"
+$VPY -c "import detectron2, levelset, levelset_d2, levelset_rcnn, delse; print('setup: ok, detectron2', detectron2.__version__)"
 echo "$want" > "$STAMP"

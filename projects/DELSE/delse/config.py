@@ -94,17 +94,6 @@ def add_delse_config(cfg):
     cfg.MODEL.DELSE.EDIT_NUM_CONVS = 6
     cfg.MODEL.DELSE.EDIT_CHANNELS = 128
 
-    # ---------------------------------------------------------------- DELSEMaskHead (Mask R-CNN)
-    # The RoI head (LevelSet R-CNN's Table 3 baseline) shares LevelSet R-CNN's keys for its TSDF
-    # head, targets and loss (MODEL.LEVELSET.{EVOLUTION_RESOLUTION, TRUNCATION, LOSS_*, ...}) and
-    # the evolution keys above (steps, dt, lambda, mu, eps, L_direct weight); it adds only:
-    # predict lambda, mu and dt_1..T per RoI (hyperparameter head) instead of the constants above.
-    cfg.MODEL.DELSE.ROI_HYPERPARAMETER_HEAD = False
-    # Losses of the RoI head (LevelSet R-CNN Table 3): "delse" = DELSE's own (MSE on phi_0 in
-    # pixels + alpha * class-balanced BCE on phi_T + beta * L_direct); "levelset_rcnn" = l_TSDF on
-    # phi_0 and phi_T with MODEL.LEVELSET.LOSS_WEIGHT_PHI0/PHIN, + beta * L_direct.
-    cfg.MODEL.DELSE.ROI_LOSS = "delse"
-
     # ---------------------------------------------------------------- evaluation
     cfg.TEST.DELSE = CN()
     # Pixel tolerances of the boundary F-measure curve (DAVIS multi-scale evaluation, Fig. 5).

@@ -20,7 +20,7 @@ import levelset
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.data.build import get_detection_dataset_dicts
-from levelset_rcnn.robust_data import RobustDatasetMapper, read_image, usable_images
+from levelset_d2.robust_data import RobustDatasetMapper, read_image, usable_images
 
 logger = logging.getLogger(__name__)
 

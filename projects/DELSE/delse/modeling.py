@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import levelset
+from levelset.losses import direction_loss, evolution_loss, level_set_loss, pixel_wise_loss
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
@@ -25,11 +26,6 @@ __all__ = [
     "PSPModule",
     "SkipFeatures",
     "MotionEditingBlock",
-    "level_set_loss",
-    "evolution_loss",
-    "pixel_wise_loss",
-    "class_balanced_bce",
-    "direction_loss",
 ]
 
 
@@ -124,65 +120,6 @@ class MotionEditingBlock(nn.Module):
         for conv in self.residuals:
             x = F.relu(x + conv(x))
         return motion + self.predictor(x)
-
-
-# ------------------------------------------------------------------------------- losses
-def level_set_loss(phi0, gt_tsdf):
-    """L_0 of eq. 11: mean squared error between phi0 and the GT TSDF, both (N, 1, S, S) pixels."""
-    return F.mse_loss(phi0, gt_tsdf)
-
-
-def class_balanced_bce(log_fg, log_bg, gt_mask):
-    """DEXTR's class-balanced BCE: foreground pixels weighted by the fraction of background
-    pixels of their sample and vice versa, so the rare class is not drowned.
-
-    Args:
-        log_fg, log_bg: (N, 1, S, S) log-probabilities of foreground / background;
-        gt_mask: (N, S, S) bool.
-    Returns:
-        scalar, mean over pixels and samples.
-    """
-    target = gt_mask[:, None].float()
-    pos = target.flatten(1).mean(1).view(-1, 1, 1, 1)
-    wp, wn = 1.0 - pos, pos
-    return -(wp * target * log_fg + wn * (1 - target) * log_bg).mean()
-
-
-def evolution_loss(phi, gt_mask, eps):
-    """L_T of eq. 15: class-balanced BCE of the smooth Heaviside H_eps(phi_T) (eq. 14).
-
-    Args:
-        phi: (N, 1, S, S) level set; gt_mask: (N, S, S) bool; eps: float.
-    Returns:
-        scalar, mean over pixels and samples.
-    """
-    prob = levelset.heaviside(phi.float(), eps).clamp(1e-6, 1 - 1e-6)
-    return class_balanced_bce(torch.log(prob), torch.log(1 - prob), gt_mask)
-
-
-def pixel_wise_loss(logits, gt_mask):
-    """The pixel-wise baseline's loss (DEXTR): class-balanced BCE of sigmoid(logits).
-
-    Args:
-        logits: (N, 1, S, S); gt_mask: (N, S, S) bool.
-    """
-    logits = logits.float()
-    return class_balanced_bce(F.logsigmoid(logits), F.logsigmoid(-logits), gt_mask)
-
-
-def direction_loss(motion, gt_direction):
-    """L_direct of eq. 16: mean squared angle (radians) between V and the GT direction.
-
-    Pixels where the GT direction is undefined (zero vector) are ignored; the cosine is clamped
-    away from +-1, where the derivative of acos is infinite.
-
-    Args:
-        motion: (N, 2, S, S); gt_direction: (N, 2, S, S) unit or zero vectors.
-    """
-    valid = gt_direction.norm(dim=1) > 0.5
-    cos = F.cosine_similarity(motion.float(), gt_direction, dim=1, eps=1e-6)
-    angle = torch.acos(cos.clamp(-1 + 1e-4, 1 - 1e-4))
-    return (angle[valid] ** 2).sum() / valid.sum().clamp_min(1)
 
 
 # ------------------------------------------------------------------------------- meta-arch

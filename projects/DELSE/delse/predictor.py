@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from skimage import measure
 
-from levelset_rcnn.checkpoint import SafeDetectionCheckpointer
 from detectron2.modeling import build_model
+from levelset_d2.checkpoint import SafeDetectionCheckpointer
 
 from .data import (
     crop_box_around,

@@ -1,12 +1,26 @@
 """LevelSet R-CNN (Homayounfar et al., ECCV 2020) for Detectron2. ``import levelset_rcnn`` registers
-the mask heads, the backbones and the datasets, so that configs resolve."""
+the mask heads (``LevelSetMaskHead``, the Mask R-CNN baselines and Table 3's ``DELSEMaskHead``), the
+backbones, the config keys (``MODEL.LEVELSET``, ``MODEL.WRN``) and the COCO evaluator with polygons,
+so that configs resolve. Built on the core ``levelset`` and the shared layer ``levelset_d2``."""
+from functools import partial
+
+from levelset_d2.config import register_config
+from levelset_d2.engine import register_meta_architecture
+from levelset_d2.evaluation import build_detection_evaluator
+
 from .config import add_levelset_rcnn_config, get_cfg
+from .delse_mask_head import DELSEMaskHead
+from .evaluation import LevelSetCOCOEvaluator
 from .mask_head import HighResMaskRCNNHead, LevelSetMaskHead, TSDFMaskRCNNHead
 from .postprocessing import add_polygons, tsdf_to_polygons
-from .evaluation import LevelSetCOCOEvaluator
-from .robust_data import RobustDatasetMapper
 
-from . import backbone as _backbone, data as _data  # noqa: F401  (only registration)
+from . import backbone as _backbone  # noqa: F401  (only registration)
+
+register_config(add_levelset_rcnn_config)
+# Mask R-CNN-family models: the detection path, COCO results with sub-pixel polygons when returned.
+register_meta_architecture(
+    "GeneralizedRCNN", build_evaluator=partial(build_detection_evaluator, coco_evaluator=LevelSetCOCOEvaluator)
+)
 
 __all__ = [
     "add_levelset_rcnn_config",
@@ -14,8 +28,8 @@ __all__ = [
     "LevelSetMaskHead",
     "TSDFMaskRCNNHead",
     "HighResMaskRCNNHead",
+    "DELSEMaskHead",
     "add_polygons",
     "tsdf_to_polygons",
     "LevelSetCOCOEvaluator",
-    "RobustDatasetMapper",
 ]

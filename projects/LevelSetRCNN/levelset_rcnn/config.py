@@ -1,11 +1,15 @@
-"""Config keys of LevelSet R-CNN (ECCV 2020, section 4), all under ``cfg.MODEL.LEVELSET``."""
+"""Config keys of LevelSet R-CNN (ECCV 2020, section 4), under ``cfg.MODEL.LEVELSET`` (and its
+backbone's ``cfg.MODEL.WRN``). Registered with the shared :func:`levelset_d2.get_cfg`."""
 from detectron2.config import CfgNode as CN
 
 
 def add_levelset_rcnn_config(cfg):
     """
-    Declare every key LevelSet R-CNN reads, with the paper's defaults (COCO setting, section 5).
+    Declare every key LevelSet R-CNN reads, with the paper's defaults (COCO setting, section 5),
+    and its WideResNet backbone's (``MODEL.WRN``). Idempotent: a second call changes nothing.
     """
+    if "LEVELSET" in cfg.MODEL:
+        return cfg
     cfg.MODEL.LEVELSET = CN()
     # N: unrolled Chan-Vese steps (Eq. 7); the paper unrolls 3.
     cfg.MODEL.LEVELSET.NUM_STEPS = 3
@@ -79,56 +83,47 @@ def add_levelset_rcnn_config(cfg):
     # Side of the logits of the high-resolution Mask R-CNN head (ablation "112x112 Mask R-CNN").
     cfg.MODEL.LEVELSET.MASK_RCNN_RESOLUTION = 112
 
-    # Raise on a bad sample (unreadable image, unusable annotation) instead of skipping it with a warning.
-    cfg.DATALOADER.STRICT = False
-
-    # Add the boundary metrics (AF1, AF2, Boundary AP) beside COCO AP when evaluating.
-    cfg.TEST.BOUNDARY_EVAL = True
-
-
-def get_cfg():
-    """
-    Detectron2's default config with every key of this repository: LevelSet R-CNN's, its
-    backbones' and, where the DELSE project is installed, DELSE's. One helper for train_net.py, demo.py and
-    DefaultPredictor users, so that any saved config.yaml merges back.
-    """
-    from detectron2.config import get_cfg as get_detectron2_cfg
+    # ---------------------------------------------------------------- DELSEMaskHead (Table 3)
+    # The "DELSE" baseline of Table 3: LevelSet R-CNN's TSDF head, targets and l_TSDF (the keys
+    # above) with DELSE's eq. 9 evolution (levelset.delse_evolve) instead of Chan-Vese. Evolution
+    # units are pixels of the EVOLUTION_RESOLUTION grid (phi = TRUNCATION * TSDF). Defaults are the
+    # DELSE paper's (section 5), which Table 3 uses hand-tuned.
+    cfg.MODEL.LEVELSET.DELSE_HEAD = CN()
+    # T, explicit steps of eq. 9.
+    cfg.MODEL.LEVELSET.DELSE_HEAD.STEPS = 5
+    # Time step (pixels per step for |V| = 1).
+    cfg.MODEL.LEVELSET.DELSE_HEAD.DT = 1.0
+    # lambda (curvature) and mu (distance regularisation) of eq. 9.
+    cfg.MODEL.LEVELSET.DELSE_HEAD.CURVATURE_WEIGHT = 1.0
+    cfg.MODEL.LEVELSET.DELSE_HEAD.DIST_REG_WEIGHT = 0.04
+    # eps (pixels) of the Dirac localising motion and curvature to the zero level; None = eq. 9 as written.
+    cfg.MODEL.LEVELSET.DELSE_HEAD.EPS = None
+    # Clamp phi to +-TRUNCATION px after every step (not in the paper).
+    cfg.MODEL.LEVELSET.DELSE_HEAD.CLAMP_TO_TRUNCATION = False
+    # Predict lambda, mu and dt_1..T per RoI (LevelSet R-CNN's hyperparameter head, 2 sigmoid(.)
+    # times the constants above) instead of the constants ("DELSE + HP head").
+    cfg.MODEL.LEVELSET.DELSE_HEAD.HYPERPARAMETER_HEAD = False
+    # "delse": DELSE's losses (MSE on phi_0 in pixels + EVOLUTION_LOSS_WEIGHT * class-balanced BCE
+    # of H(phi_T) + DIRECTION_LOSS_WEIGHT * L_direct); "levelset_rcnn": l_TSDF on phi_0 and phi_T
+    # with LOSS_WEIGHT_PHI0/PHIN above, + DIRECTION_LOSS_WEIGHT * L_direct.
+    cfg.MODEL.LEVELSET.DELSE_HEAD.LOSS = "delse"
+    # alpha (L_T) and beta (L_direct) of DELSE's eq. 10.
+    cfg.MODEL.LEVELSET.DELSE_HEAD.EVOLUTION_LOSS_WEIGHT = 100.0
+    cfg.MODEL.LEVELSET.DELSE_HEAD.DIRECTION_LOSS_WEIGHT = 1.0
+    # eps (pixels) of the Heaviside in L_T (DELSE eq. 14).
+    cfg.MODEL.LEVELSET.DELSE_HEAD.HEAVISIDE_EPS = 1.0
 
     from .backbone import add_wrn_config
 
-    cfg = get_detectron2_cfg()
-    add_levelset_rcnn_config(cfg)
     add_wrn_config(cfg)  # MODEL.WRN: the WideResNet-38 backbone of the Table 1 configs
-    try:
-        from delse.config import add_delse_config
-    except ImportError:
-        pass
-    else:
-        add_delse_config(cfg)
     return cfg
 
 
-def check_registered_names(cfg):
-    """Raise a ValueError naming the config key when a component name is not registered.
+def get_cfg():
+    """The shared :func:`levelset_d2.get_cfg` (every installed project's keys); kept here so that
+    ``from levelset_rcnn import get_cfg`` reads as in Detectron2's projects."""
+    from levelset_d2 import get_cfg as _get_cfg
 
-    Detectron2's registries fail with a bare ``KeyError`` deep in ``build_model``; this says which
-    key to change and lists the names that would work (import ``levelset_rcnn`` / ``delse`` first
-    so that their heads are registered).
-    """
-    from detectron2.modeling import (
-        BACKBONE_REGISTRY,
-        META_ARCH_REGISTRY,
-        ROI_HEADS_REGISTRY,
-        ROI_MASK_HEAD_REGISTRY,
-    )
+    return _get_cfg()
 
-    checks = [("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE, META_ARCH_REGISTRY),
-              ("MODEL.BACKBONE.NAME", cfg.MODEL.BACKBONE.NAME, BACKBONE_REGISTRY)]
-    if cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN":
-        checks.append(("MODEL.ROI_HEADS.NAME", cfg.MODEL.ROI_HEADS.NAME, ROI_HEADS_REGISTRY))
-        if cfg.MODEL.MASK_ON:
-            checks.append(("MODEL.ROI_MASK_HEAD.NAME", cfg.MODEL.ROI_MASK_HEAD.NAME, ROI_MASK_HEAD_REGISTRY))
-    for key, name, registry in checks:
-        registered = sorted(n for n, _ in registry)
-        if name not in registered:
-            raise ValueError(f"{key} = {name!r} is not registered; change {key} to one of: {', '.join(registered)}")
+

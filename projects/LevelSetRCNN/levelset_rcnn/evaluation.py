@@ -1,13 +1,9 @@
-"""Evaluators: COCO AP with the optional sub-pixel polygons, and LVIS AP* on lvis-api 0.5.3."""
-import types
-
-import numpy as np
-
+"""COCO AP with the optional sub-pixel polygons of LevelSet R-CNN's zero level set."""
 from detectron2.evaluation import COCOEvaluator
 
 from .postprocessing import add_polygons, polygons_to_coco
 
-__all__ = ["LevelSetCOCOEvaluator", "patch_lvis_numpy"]
+__all__ = ["LevelSetCOCOEvaluator"]
 
 
 class LevelSetCOCOEvaluator(COCOEvaluator):
@@ -27,18 +23,3 @@ class LevelSetCOCOEvaluator(COCOEvaluator):
             instances = add_polygons(output["instances"].to(self._cpu_device))
             for result, contours in zip(prediction["instances"], instances.pred_polygons):
                 result["polygons"] = polygons_to_coco(contours)
-
-
-def patch_lvis_numpy() -> None:
-    """
-    lvis-api 0.5.3 (the release on PyPI) calls ``np.float``, removed in NumPy 1.24. Give its eval
-    module a view of NumPy that still has it, without touching the global ``numpy`` module.
-    """
-    import lvis.eval
-
-    if getattr(lvis.eval.np, "float", None) is float:
-        return
-    compat = types.ModuleType("numpy")
-    compat.__getattr__ = lambda name: getattr(np, name)  # PEP 562: everything else is numpy's
-    compat.float = float
-    lvis.eval.np = compat

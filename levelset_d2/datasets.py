@@ -24,7 +24,7 @@ from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
 __all__ = ["shared_data_root", "synthetic_root", "prepare_dataset", "image_fold", "SYNTHETIC_SPLITS"]
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (split, number of images, seed); 128 x 128 images.
 SYNTHETIC_SPLITS = {

@@ -2,7 +2,8 @@
 
 Per RoI: an initial TSDF head, a motion (velocity) head and a modulation head, optionally a
 hyperparameter head, then ``levelset.delse_evolve`` (eq. 9). The TSDF head, the targets and the
-loss are LevelSet R-CNN's (imported, not copied), so the two heads differ only in the evolution.
+loss are LevelSet R-CNN's, so the two heads differ only in the evolution; DELSE's losses come from
+the core (``levelset.losses``), as the DELSE project's do. Keys: ``MODEL.LEVELSET.DELSE_HEAD``.
 """
 from typing import Dict, List
 
@@ -13,7 +14,9 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
 from detectron2.structures import Instances
-from levelset_rcnn.mask_head import (
+from levelset.losses import direction_loss, evolution_loss, level_set_loss
+
+from .mask_head import (
     ChanVeseFeaturesHead,
     HyperparameterHead,
     TSDFMaskRCNNHead,
@@ -23,8 +26,6 @@ from levelset_rcnn.mask_head import (
     tsdf_targets,
 )
 
-from .modeling import direction_loss, evolution_loss, level_set_loss
-
 __all__ = ["DELSEMaskHead"]
 
 
@@ -32,7 +33,7 @@ __all__ = ["DELSEMaskHead"]
 class DELSEMaskHead(TSDFMaskRCNNHead):
     """phi_0 (LevelSet R-CNN's TSDF head, in [-1, 1]) evolved by DELSE's eq. 9 in pixels of the
     S x S evolution grid (phi = TRUNCATION * TSDF), with a predicted motion field and modulation.
-    Trained with DELSE's losses or LevelSet R-CNN's (``MODEL.DELSE.ROI_LOSS``).
+    Trained with DELSE's losses or LevelSet R-CNN's (``MODEL.LEVELSET.DELSE_HEAD.LOSS``).
 
     At inference ``pred_masks = H_eps(phi_T)`` with LevelSet R-CNN's ``LOSS_EPS``, cut at 0.5 by
     Detectron2's paste, i.e. at the zero level of phi_T."""
@@ -94,7 +95,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         self.evolution_eps = evolution_eps
         self.clamp_to_truncation = clamp_to_truncation
         if loss not in ("delse", "levelset_rcnn"):
-            raise ValueError(f"MODEL.DELSE.ROI_LOSS must be 'delse' or 'levelset_rcnn', got {loss!r}")
+            raise ValueError(f"MODEL.LEVELSET.DELSE_HEAD.LOSS must be 'delse' or 'levelset_rcnn', got {loss!r}")
         self.loss = loss
         self.loss_weight_phin = loss_weight_phin
         self.evolution_loss_weight = evolution_loss_weight
@@ -104,20 +105,21 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
-        d, ls = cfg.MODEL.DELSE, cfg.MODEL.LEVELSET
+        ls = cfg.MODEL.LEVELSET
+        d = ls.DELSE_HEAD
         conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
         ret.update(
             dense_conv_dims=[conv_dim] * ls.FEATURES_NUM_CONV,
-            hyperparameter_head=d.ROI_HYPERPARAMETER_HEAD,
+            hyperparameter_head=d.HYPERPARAMETER_HEAD,
             hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,
             hyperparam_fc_dim=ls.HYPERPARAM_FC_DIM,
-            steps=d.EVOLUTION_STEPS,
-            dt=d.EVOLUTION_DT,
+            steps=d.STEPS,
+            dt=d.DT,
             curvature_weight=d.CURVATURE_WEIGHT,
             dist_reg_weight=d.DIST_REG_WEIGHT,
-            evolution_eps=d.EVOLUTION_EPS,
+            evolution_eps=d.EPS,
             clamp_to_truncation=d.CLAMP_TO_TRUNCATION,
-            loss=d.ROI_LOSS,
+            loss=d.LOSS,
             loss_weight_phin=ls.LOSS_WEIGHT_PHIN,
             evolution_loss_weight=d.EVOLUTION_LOSS_WEIGHT,
             direction_loss_weight=d.DIRECTION_LOSS_WEIGHT,

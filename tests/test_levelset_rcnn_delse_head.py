@@ -7,7 +7,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs/DELSE/tiny_delse_mask_head_synthetic.yaml"
+TINY = REPO / "configs/LevelSetRCNN/tiny_delse_mask_head_synthetic.yaml"
 
 
 def _cfg(**overrides):
@@ -48,7 +48,6 @@ def _head(cfg):
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.roi_heads.mask_head import build_mask_head
 
-    import delse  # noqa: F401  (registers DELSEMaskHead)
 
     torch.manual_seed(0)
     return build_mask_head(cfg, ShapeSpec(channels=64, height=14, width=14))
@@ -64,10 +63,10 @@ def _head(cfg):
 def test_delse_mask_head_trains(loss, hp_head, keys):
     from detectron2.utils.events import EventStorage
 
-    from delse.mask_head import DELSEMaskHead
+    from levelset_rcnn.delse_mask_head import DELSEMaskHead
 
-    cfg = _cfg(**{"MODEL.DELSE.ROI_LOSS": loss, "MODEL.DELSE.ROI_HYPERPARAMETER_HEAD": hp_head,
-                  "MODEL.DELSE.CLAMP_TO_TRUNCATION": hp_head})
+    cfg = _cfg(**{"MODEL.LEVELSET.DELSE_HEAD.LOSS": loss, "MODEL.LEVELSET.DELSE_HEAD.HYPERPARAMETER_HEAD": hp_head,
+                  "MODEL.LEVELSET.DELSE_HEAD.CLAMP_TO_TRUNCATION": hp_head})
     head = _head(cfg)
     assert isinstance(head, DELSEMaskHead) and (head.hyperparameter_head is not None) == hp_head
     torch.manual_seed(1)
