@@ -1,13 +1,18 @@
 # The README's two commands. Each sets the environment up first (idempotent, all in .venv/).
 PY := .venv/bin/python
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup label-studio test demo bench clean-venv
 
 setup:
 	@./tools/setup_env.sh
 
+# Label Studio in its own venv, .venv/label-studio/ (its pins conflict with the project's), for the
+# DELSE ML backend's end-to-end test and for annotating (README: "DELSE in Label Studio").
+label-studio: setup
+	@./tools/setup_label_studio.sh
+
 # One BLAS/OpenMP thread per process: the suite starts multi-process (DDP) runs, and on small
 # machines threads beyond the core count slow tiny models down many times over.
-test: setup
+test: setup label-studio
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests
 
 demo: setup
