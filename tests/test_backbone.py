@@ -182,9 +182,18 @@ def test_panet_bottom_up_path():
     for k in n:
         assert n[k].shape == p[k].shape
     assert torch.equal(n["p2"], p["p2"])  # N2 = P2
-    # N3 = relu(conv(relu(conv_s2(N2)) + P3)): recomputed here from the modules.
-    n3 = panet.pan_output3(panet.pan_down3(p["p2"]) + p["p3"])
-    assert torch.allclose(n["p3"], n3) and not torch.allclose(n["p3"], p["p3"])
+    # PANet's bottom-up path written out with F.conv2d on the checkpoint's weights:
+    # N_i = relu(conv3x3(relu(conv3x3_stride2(N_{i-1})) + P_i)), N2 = P2 (Liu et al. 2018, fig. 2).
+    state = panet.state_dict()
+
+    def conv(x, name, stride):
+        return F.relu(F.conv2d(x, state[f"{name}.weight"], state[f"{name}.bias"], stride=stride, padding=1))
+
+    expected = p["p2"]
+    for i in (3, 4, 5):
+        expected = conv(conv(expected, f"pan_down{i}", 2) + p[f"p{i}"], f"pan_output{i}", 1)
+        assert torch.allclose(n[f"p{i}"], expected, atol=1e-5), i
+        assert not torch.allclose(n[f"p{i}"], p[f"p{i}"])
     assert torch.equal(n["p6"], F.max_pool2d(n["p5"], 1, stride=2))  # P6 from N5
     assert len([k for k in panet.state_dict() if k.startswith("pan_")]) == 3 * 2 * 2  # w, b
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from torch.nn import functional as F
 
 import levelset
 import levelset_rcnn
@@ -180,9 +181,13 @@ def test_tsdf_targets_on_real_coco_polygons(coco_sample_dir):
     inst.proposal_boxes = Boxes(boxes)
     masks, tsdf = tsdf_targets([inst], 112, 10.0)
     assert masks.shape == tsdf.shape == (len(inst), 112, 112)
-    expected_masks = inst.gt_masks.crop_and_resize(boxes, 112)
-    assert torch.equal(masks, expected_masks)
-    assert torch.equal(tsdf, levelset.mask_to_tsdf(expected_masks, 10.0))
+    # Independent oracle for the crop: scikit-image rasterises each json polygon, mapped to the
+    # RoI's 112 x 112 grid, at the pixel centres (pycocotools, which Detectron2 uses, rasterises
+    # edges slightly differently: a few boundary pixels in 10^3 may differ).
+    for a, m, box in zip(annos, masks.numpy(), boxes.numpy()):
+        expected = _rasterize_in_roi(a["segmentation"], box, 112)
+        assert (expected == m).mean() > 0.998
+        assert (expected & m).sum() / (expected | m).sum() > 0.99
     # Independent oracle: scipy's exact EDT to the boundary between pixels (0.5 px less than
     # between pixel centres), truncated at 10 px and normalised.
     for m, t in zip(masks.numpy(), tsdf.numpy()):
@@ -198,7 +203,18 @@ def test_tsdf_loss_is_stable_and_prefers_the_target():
     good = tsdf_loss(gt[:, None], gt, mask, 0.1)
     bad = tsdf_loss(-gt[:, None], gt, mask, 0.1)
     assert good < bad
-    assert math.isclose(float(tsdf_loss(gt[:, None], gt, mask, 0.1)), float(good))
+    # By hand (section 4.2): mean |phi - phi_GT| + mean BCE(0.5 + atan(phi / eps) / pi, M).
+    g, m = gt.double().numpy(), mask.numpy()
+
+    def by_hand(phi):
+        h = 0.5 + np.arctan(phi / 0.1) / np.pi
+        return np.abs(phi - g).mean() - np.where(m, np.log(h), np.log(1 - h)).mean()
+
+    assert math.isclose(float(good), by_hand(g), rel_tol=1e-5)
+    assert math.isclose(float(bad), by_hand(-g), rel_tol=1e-5)
+    # phi = 0: H = 1/2 everywhere, so the loss is mean |phi_GT| + log 2.
+    zero = tsdf_loss(torch.zeros_like(gt[:, None]), gt, mask, 0.1)
+    assert math.isclose(float(zero), np.abs(g).mean() + math.log(2), rel_tol=1e-5)
     phi = (1e4 * -gt[:, None]).requires_grad_()  # confidently wrong everywhere
     loss = tsdf_loss(phi, gt, mask, 0.1)
     loss.backward()
@@ -228,8 +244,25 @@ def test_head_training_loss_and_inference_shapes():
         (out,) = head(torch.randn(2, 16, 14, 14), [pred])
     assert out.pred_masks.shape == (2, 1, 56, 56)
     assert out.pred_tsdf.shape == (2, 1, 56, 56)
-    # pred_masks = H_eps(phi_N): 0.5 exactly on the zero level set.
-    assert torch.allclose(out.pred_masks, levelset.heaviside(out.pred_tsdf, 0.1))
+    # pred_masks = H_eps(phi_N) of eq. 4, written out: 0.5 (1 + 2/pi atan(phi / eps)), eps = LOSS_EPS.
+    phi = out.pred_tsdf.double().numpy()
+    np.testing.assert_allclose(out.pred_masks.numpy(), 0.5 * (1 + 2 / np.pi * np.arctan(phi / 0.1)), atol=1e-6)
+    assert ((out.pred_masks > 0.5) == (out.pred_tsdf > 0)).all() and (out.pred_tsdf > 0).any()
+
+
+def _rasterize_in_roi(polygons, box, side):
+    """(side, side) bool: the union of COCO polygons (image coordinates) mapped to the box's grid,
+    a pixel inside where its centre is (scikit-image's point-in-polygon test)."""
+    from skimage.draw import polygon2mask
+
+    x0, y0, x1, y1 = box
+    out = np.zeros((side, side), bool)
+    for p in polygons:
+        p = np.asarray(p, np.float64).reshape(-1, 2)
+        rows = (p[:, 1] - y0) * side / (y1 - y0) - 0.5
+        cols = (p[:, 0] - x0) * side / (x1 - x0) - 0.5
+        out |= polygon2mask((side, side), np.stack([rows, cols], axis=1))
+    return out
 
 
 def _grad_norm(module):
@@ -320,7 +353,17 @@ def test_tsdf_targets_from_rle_bitmasks_on_dsb2018(dsb2018_dir):
     inst.proposal_boxes = inst.gt_boxes
     masks, tsdf = tsdf_targets([inst], 112, 10.0)
     assert len(masks) == len(inst) == len(d["annotations"]) > 0
-    assert torch.equal(masks, inst.gt_masks.crop_and_resize(inst.gt_boxes.tensor, 112))
+    # Independent oracle: SciPy's bilinear sampling of the decoded RLE at the 112 x 112 grid's
+    # pixel centres (half-pixel aligned, edges clamped), thresholded at 0.5, as ROIAlign defines it.
+    from pycocotools import mask as mask_util
+
+    for a, m, (x0, y0, x1, y1) in zip(d["annotations"], masks.numpy(), inst.gt_boxes.tensor.numpy()):
+        full = mask_util.decode(a["segmentation"]).astype(np.float64)
+        ys = y0 + (np.arange(112) + 0.5) * (y1 - y0) / 112 - 0.5
+        xs = x0 + (np.arange(112) + 0.5) * (x1 - x0) / 112 - 0.5
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        expected = ndimage.map_coordinates(full, [yy, xx], order=1, mode="nearest") >= 0.5
+        assert (expected == m).mean() > 0.999
     assert ((tsdf > 0) == masks).all()
     # Nuclei fill their boxes: every RoI has an inside and an outside.
     assert (masks.flatten(1).any(1) & ~masks.flatten(1).all(1)).float().mean() > 0.9
@@ -355,8 +398,12 @@ def test_head_handles_no_rois_and_initial_tsdf_inference():
                      pred_classes=torch.tensor([2, 0]))
     with torch.no_grad():
         (out,) = head(x, [pred])
-        phi0 = head.upsample(head.initial_tsdf(x)[torch.arange(2), pred.pred_classes][:, None])
-    assert torch.allclose(out.pred_masks, levelset.heaviside(phi0, 0.1))
+        # phi_0 by hand: tanh of the TSDF branch's logits, the predicted class (2, then 0), upsampled
+        # 28 -> 56 bilinearly; pred_masks = 0.5 + atan(phi_0 / eps) / pi.
+        logits = head.initial_tsdf_head.layers(x)
+        phi0 = torch.tanh(torch.stack([logits[0, 2], logits[1, 0]]))[:, None]
+        phi0 = F.interpolate(phi0, size=56, mode="bilinear", align_corners=False)
+    assert torch.allclose(out.pred_masks, 0.5 + torch.atan(phi0 / 0.1) / math.pi, atol=1e-6)
 
 
 @pytest.mark.parametrize("head,loss", [("TSDFMaskRCNNHead", "loss_tsdf_initial"),
