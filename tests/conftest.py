@@ -1,5 +1,7 @@
 """Shared fixtures. Real data lives in ../shared/data beside the repo; tests that need it skip
-with a clear reason where it is absent (a user's machine) and run wherever it is present (CI)."""
+with a clear reason where it is absent (a user's machine) and run wherever it is present. With the
+environment variable CI set (`.ci/run` sets it) a missing data directory fails those tests instead,
+so CI cannot stay green without its real-data tests."""
 import os
 from pathlib import Path
 
@@ -12,7 +14,11 @@ SHARED_DATA = Path(os.environ.get("LEVELSET_SHARED_DATA", REPO.parent / "shared"
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data not found at {path} (set LEVELSET_SHARED_DATA to ../shared/data)")
+        message = f"real data not found at {path} (set LEVELSET_SHARED_DATA to ../shared/data)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}; CI={os.environ['CI']!r} is set, so missing data fails the run",
+                        pytrace=False)
+        pytest.skip(message)
     return path
 
 

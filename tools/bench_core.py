@@ -10,6 +10,8 @@
    all steps could reach), and the evolution's cost in elementwise passes over phi.
 4. Classic Chan-Vese on real photographs (scikit-image's test images) against
    ``skimage.segmentation.chan_vese``: energy ratio and partition IoU.
+5. ``levelset.synthetic.generate_coco_dataset``: time to write the built-in synthetic set (it is made
+   on first use by the demo and the tests; was a wall-clock test, now measured here).
 """
 import argparse
 import time
@@ -161,16 +163,31 @@ def bench_skimage():
         print(f"| {name} | {e(ours) / e(sk):.3f} | {iou:.3f} |")
 
 
+def bench_synthetic():
+    import tempfile
+
+    from levelset.synthetic import generate_coco_dataset
+
+    print("\n### Synthetic shapes dataset (levelset.synthetic.generate_coco_dataset), 128x128 images\n")
+    print("| images | time (s) |\n|---|---|")
+    for n in (50, 200):
+        with tempfile.TemporaryDirectory() as root:
+            t0 = time.perf_counter()
+            generate_coco_dataset(root, num_images=n, image_size=128)
+            print(f"| {n} | {time.perf_counter() - t0:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-skimage", action="store_true")
-    ap.add_argument("--only", nargs="+", choices=["tsdf", "chan_vese", "bandwidth", "skimage"],
+    ap.add_argument("--only", nargs="+", choices=["tsdf", "chan_vese", "bandwidth", "skimage", "synthetic"],
                     help="run only these sections")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     sections = {"tsdf": lambda: bench_tsdf(args.device), "chan_vese": lambda: bench_chan_vese(args.device),
-                "bandwidth": lambda: bench_bandwidth(args.device), "skimage": bench_skimage}
+                "bandwidth": lambda: bench_bandwidth(args.device), "skimage": bench_skimage,
+                "synthetic": bench_synthetic}
     for name, run in sections.items():
         if (args.only and name not in args.only) or (name == "skimage" and args.skip_skimage):
             continue
