@@ -253,18 +253,24 @@ def test_boundary_ap(coco_sample):
     assert ap["AP50"] >= ap["AP75"]
 
 
-def test_boundary_ap_with_more_than_100_detections_per_image(coco_sample_dir):
-    """COCOeval.summarize() hard-codes maxDets=100 for AP; nuclei images need more (regression)."""
-    from pycocotools.coco import COCO
-    from pycocotools import mask as mask_util
-
-    gt = COCO(str(coco_sample_dir / "instances_val2017_subset.json"))
+def test_boundary_ap_with_more_than_100_detections_per_image():
+    """COCOeval.summarize() hard-codes maxDets=100 for AP; nuclei images need more (regression).
+    One image with 150 GT squares, each predicted exactly: with max_dets=400 AP is 1; with 100 only
+    the 100 best-scored count, recall stops at 2/3 and the 101-point AP is 67/101 (by hand)."""
+    h, w, side = 130, 190, 8
+    masks = [_square((h, w), 4 + 12 * r, 4 + 12 * c, side) for r in range(10) for c in range(15)]
+    gt = {"images": [{"id": 1, "height": h, "width": w}], "categories": [{"id": 1, "name": "nucleus"}],
+          "annotations": []}
     results = []
-    for ann in gt.loadAnns(gt.getAnnIds(iscrowd=False)):
-        rle = mask_util.encode(np.asfortranarray(gt.annToMask(ann)))
+    for i, m in enumerate(masks):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
         rle["counts"] = rle["counts"].decode()
-        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 1.0,
-                        "segmentation": rle})
-    for max_dets in (100, 400):
-        ap = boundary_ap(gt, results, max_dets=max_dets)
-        assert ap["AP"] == pytest.approx(1.0) and ap["AP50"] == pytest.approx(1.0), (max_dets, ap)
+        ys, xs = np.nonzero(m)
+        gt["annotations"].append({"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": rle,
+                                  "area": int(m.sum()), "bbox": [int(xs.min()), int(ys.min()), side, side]})
+        results.append({"image_id": 1, "category_id": 1, "score": 1.0 - i / 1000, "segmentation": rle})
+    assert len(results) == 150
+    ap = boundary_ap(gt, results, max_dets=400)
+    assert ap["AP"] == pytest.approx(1.0) and ap["AP50"] == pytest.approx(1.0), ap
+    ap = boundary_ap(gt, results, max_dets=100)
+    assert ap["AP"] == pytest.approx(67 / 101) and ap["AP75"] == pytest.approx(67 / 101), ap
