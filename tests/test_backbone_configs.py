@@ -133,6 +133,34 @@ def test_tta_multiscale_flip_levelset_rcnn():
     run_tta(load_cfg("levelset_rcnn_WRN38_PANet_DCN_cityscapes.yaml"))
 
 
+@pytest.mark.parametrize("name", ["mask_rcnn_WRN38_PANet_DCN_cityscapes.yaml",
+                                  "levelset_rcnn_WRN38_PANet_DCN_cityscapes.yaml"])
+def test_tta_with_one_scale_and_no_flip_equals_plain_inference(name):
+    """The independent value for TTA: with one scale and no flip, its merged detections and
+    averaged masks are those of the model itself run on the image resized to that scale."""
+    import numpy as np
+    from detectron2.data import transforms as T
+
+    cfg = load_cfg(name, "TEST.AUG.ENABLED", True, "TEST.AUG.MIN_SIZES", (48,), "TEST.AUG.MAX_SIZE", 200,
+                   "TEST.AUG.FLIP", False, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = training_image(cfg.MODEL.ROI_HEADS.NUM_CLASSES)["image"]
+    hwc = image.permute(1, 2, 0).numpy()
+    resized = T.ResizeShortestEdge(48, 200).get_transform(hwc).apply_image(hwc)
+    assert resized.shape == (48, 72, 3)
+    with torch.no_grad():
+        tta = GeneralizedRCNNWithTTA(cfg, model, batch_size=2)([{"image": image, "height": 64, "width": 96}])
+        plain = model([{"image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+                        "height": 64, "width": 96}])
+    tta, plain = tta[0]["instances"], plain[0]["instances"]
+    assert len(tta) == len(plain) == cfg.TEST.DETECTIONS_PER_IMAGE
+    assert torch.equal(tta.pred_classes, plain.pred_classes)
+    assert torch.allclose(tta.scores, plain.scores, atol=1e-6)
+    assert torch.allclose(tta.pred_boxes.tensor, plain.pred_boxes.tensor, atol=1e-3)
+    assert plain.pred_masks.any() and (tta.pred_masks != plain.pred_masks).float().mean() < 1e-3
+
+
 def test_mapillary_checkpoint_converts_and_loads(tmp_path):
     """A checkpoint laid out as Mapillary's WRN-38 ImageNet file (``module.`` prefix, ``classifier``,
     under ``state_dict``) converts and loads into the backbone of a model by name matching."""
