@@ -251,6 +251,7 @@ def test_drag_changes_mask_near_dragged_point(trained, sample_image):
     assert points_to_crop(clicks, first.crop_box, S).min() >= 0
 
 
+@pytest.mark.slow
 def test_train_net_eval_only_reports_metrics(trained, tmp_path):
     _, _, weights = trained
     cmd = [

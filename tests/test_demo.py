@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import cv2
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_trains_evaluates_and_draws_both_models(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "demo.py", "--iters", "2", "--num-overlays", "2", "--output", str(out),

@@ -75,6 +75,7 @@ def _run_without(blocked: str, code: str, tmp_path):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_delse_configures_trains_and_predicts_without_levelset_rcnn(tmp_path):
     out = _run_without("levelset_rcnn", f"""
 import numpy as np, torch
@@ -98,6 +99,7 @@ print("imported levelset_rcnn:", any(m.startswith("levelset_rcnn") for m in sys.
     assert "imported levelset_rcnn: False" in out
 
 
+@pytest.mark.slow
 def test_levelset_rcnn_configures_and_trains_without_delse(tmp_path):
     out = _run_without("delse", f"""
 import levelset_rcnn
@@ -115,6 +117,7 @@ print("imported delse:", any(m.startswith("delse") for m in sys.modules if sys.m
     assert "imported delse: False" in out
 
 
+@pytest.mark.slow
 def test_get_cfg_declares_every_installed_project():
     """Through the entry points, a fresh interpreter that imported no project gets both projects' keys."""
     code = "import levelset_d2\ncfg = levelset_d2.get_cfg()\nprint('LEVELSET' in cfg.MODEL, 'DELSE' in cfg.MODEL)"

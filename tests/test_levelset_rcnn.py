@@ -285,6 +285,7 @@ def test_final_tsdf_gradient_reaches_all_heads(coco_batch, detach):
     assert (_grad_norm(head.initial_tsdf_head) > 0) != detach
 
 
+@pytest.mark.slow
 def test_a_few_iterations_reduce_the_loss(coco_batch):
     torch.manual_seed(0)
     cfg = tiny_cfg()
@@ -420,6 +421,7 @@ def test_ablation_heads_train_in_the_full_model(coco_batch, head, loss):
     assert _grad_norm(model.roi_heads.mask_head) > 0
 
 
+@pytest.mark.slow
 def test_import_touches_no_disk_and_synthetic_data_is_made_on_first_use(tmp_path):
     import subprocess
     import sys

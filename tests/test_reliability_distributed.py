@@ -9,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -59,6 +60,7 @@ def _start(tmp_path, out, num_gpus, *opts, kill_rank_at=None):
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_total_batch(tmp_path):
     procs = {n: _start(tmp_path, tmp_path / f"np{n}", n, "SOLVER.MAX_ITER", 3) for n in (1, 2)}
     losses = {}
@@ -78,6 +80,7 @@ def test_two_processes_train_like_one_with_the_same_total_batch(tmp_path):
     assert losses[1]["total_loss"][2] != losses[1]["total_loss"][0]
 
 
+@pytest.mark.slow
 def test_a_dead_worker_stops_the_job_with_an_error_naming_it(tmp_path):
     start = time.time()
     proc = _start(tmp_path, tmp_path / "out", 2, "SOLVER.MAX_ITER", 50, kill_rank_at=[1, 2])

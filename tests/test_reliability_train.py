@@ -67,6 +67,7 @@ def test_unknown_component_names_say_which_key_to_change(key, value):
     check_registered_names(_cfg())  # the shipped config passes
 
 
+@pytest.mark.slow
 def test_train_net_reports_an_unknown_head_before_building(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train_net.py"), "--config-file", str(TINY),
@@ -137,6 +138,7 @@ def _train_net(tmp_path, *opts, resume=False):
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_then_resume_completes(tmp_path):
     opts = ("SOLVER.MAX_ITER", 8, "SOLVER.CHECKPOINT_PERIOD", 3)
     proc = _train_net(tmp_path, *opts)

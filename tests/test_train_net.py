@@ -37,6 +37,7 @@ def trained(tmp_path_factory, coco_sample_dir):
     return out
 
 
+@pytest.mark.slow
 def test_eval_only_prints_segm_ap_and_exports_polygons(trained, tmp_path):
     output = run_train_net(
         "--eval-only", "MODEL.WEIGHTS", trained / "model_final.pth", "OUTPUT_DIR", tmp_path,
@@ -58,6 +59,7 @@ def test_eval_only_prints_segm_ap_and_exports_polygons(trained, tmp_path):
     assert all(len(p) >= 6 and len(p) % 2 == 0 for r in with_polygons for p in r["polygons"])
 
 
+@pytest.mark.slow
 def test_saved_config_loads_into_default_predictor(trained, coco_sample_dir):
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(str(trained / "config.yaml"))
@@ -74,6 +76,7 @@ def test_saved_config_loads_into_default_predictor(trained, coco_sample_dir):
     assert instances.pred_masks.dtype == bool or str(instances.pred_masks.dtype) == "torch.bool"
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training(tmp_path, coco_sample_dir):
     output = run_train_net(
         "--num-gpus", 2, "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 2, "DATASETS.TEST", "()",
@@ -175,6 +178,7 @@ def test_delse_meta_architecture_dispatches_to_delse(tmp_path, coco_sample_dir):
     assert isinstance(evaluator, delse.DELSEEvaluator)
 
 
+@pytest.mark.slow
 def test_test_time_augmentation_evaluates(tmp_path, coco_sample_dir):
     """TEST.AUG (multi-scale + flip, the paper's "MS+F"): LevelSet masks go through Detectron2's TTA."""
     from detectron2.modeling import build_model
