@@ -6,18 +6,27 @@ metrics) registers its builders with :func:`register_meta_architecture` when it 
 other architecture (Mask R-CNN and LevelSet R-CNN are ``GeneralizedRCNN``) gets the detection path:
 the robust loaders (bad samples skipped with a warning) and the COCO / LVIS / Cityscapes
 evaluators with the boundary metrics.
+
+``--resume`` continues an interrupted run as if it had not stopped (see :meth:`Trainer.resume_or_load`):
+besides Detectron2's model, optimiser, scheduler and iteration, the checkpoint holds the random
+states and the training sampler's seed, and the resumed loader skips the samples already consumed.
 """
+import itertools
 import logging
 import os
+import random
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader, Sampler
 
 import detectron2.utils.comm as comm
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, hooks
+from detectron2.data.common import ToIterableDataset
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
@@ -57,9 +66,68 @@ def _hooks(cfg) -> ArchitectureHooks:
     return _ARCHITECTURES.get(cfg.MODEL.META_ARCHITECTURE, ArchitectureHooks())
 
 
+# ------------------------------------------------------------------------------- resume
+def rng_state() -> dict:
+    """The Python, NumPy, torch (and CUDA) random states, as types ``torch.load(weights_only=True)`` reads."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`. CUDA states are set only where there are as many devices."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class SkipSampler(Sampler):
+    """The index stream of ``sampler`` without its first ``skip`` indices: a resumed run goes on
+    where the interrupted one stopped, instead of restarting Detectron2's infinite stream."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler = sampler
+        self.skip = int(skip)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+def _loader_parts(loader):
+    """The ``ToIterableDataset`` (which holds the sampler) and the torch ``DataLoader`` inside a
+    Detectron2 train loader (DataLoader, AspectRatioGroupedDataset or MapDataset around them); None
+    for parts not found (a custom loader)."""
+    holder = torch_loader = None
+    obj = loader
+    for _ in range(8):
+        if isinstance(obj, DataLoader) and torch_loader is None:
+            torch_loader = obj
+        if isinstance(obj, ToIterableDataset):
+            holder = obj
+            break
+        obj = obj.__dict__.get("dataset", obj.__dict__.get("_dataset")) if hasattr(obj, "__dict__") else None
+        if obj is None:
+            break
+    return holder, torch_loader
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the registered loaders and evaluators, atomic checkpoints, and CPU
-    models wrapped in DDP without ``device_ids``."""
+    """DefaultTrainer with the registered loaders and evaluators, atomic checkpoints, CPU models
+    wrapped in DDP without ``device_ids``, and resumes that continue the data stream and the
+    random states."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, except for the DDP wrapper: Detectron2 passes
@@ -86,7 +154,71 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self._sampler_holder, self._torch_loader = _loader_parts(data_loader)
+        self._seed_loader_generator(0)
+        self._resume_state = None
         self.register_hooks(self.build_hooks())
+
+    # The checkpoint's "trainer" entry: Detectron2's (iteration, optimiser, scheduler, AMP scaler)
+    # plus what a resume needs to see the same data and random draws.
+    def state_dict(self):
+        ret = super().state_dict()
+        sampler = self._sampler()
+        if sampler is not None and hasattr(sampler, "_seed"):
+            ret["sampler_seed"] = int(sampler._seed)
+        ret["rng"] = rng_state()  # rank 0's; see resume_or_load
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._resume_state = {k: state_dict[k] for k in ("sampler_seed", "rng") if k in state_dict}
+
+    def _sampler(self):
+        if self._sampler_holder is None:
+            return None
+        sampler = self._sampler_holder.sampler
+        return sampler.sampler if isinstance(sampler, SkipSampler) else sampler
+
+    def _seed_loader_generator(self, start_iter):
+        # The DataLoader draws its workers' base seed when its iterator starts, from the global torch
+        # RNG unless it has a generator: that draw would shift a resumed run's torch random stream.
+        # Seeded from the sampler's seed (and, after a resume, the iteration: new worker streams).
+        if self._torch_loader is None or (start_iter == 0 and self._torch_loader.generator is not None):
+            return
+        seed = int(getattr(self._sampler(), "_seed", 0)) + start_iter
+        self._torch_loader.generator = torch.Generator().manual_seed(seed)
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's resume (model, optimiser, scheduler, AMP scaler, iteration), and then:
+
+        - the training sampler gets its saved seed back and skips the ``start_iter * IMS_PER_BATCH /
+          world size`` indices the interrupted run consumed, so the resumed run sees the batches the
+          uninterrupted one would have seen (exactly so without aspect-ratio grouping or when all
+          images fall in one aspect-ratio group; else the samples waiting in a group are skipped);
+        - one process: the Python, NumPy, torch and CUDA random states are those at the save, so
+          augmentation, RoI sampling and any other random draw continue the same streams. With
+          several processes each keeps its ``SEED + rank`` seeding (only rank 0's state is saved).
+          DataLoader workers (DATALOADER.NUM_WORKERS > 0) start new random streams.
+        """
+        self._resume_state = None
+        super().resume_or_load(resume=resume)
+        state, self._resume_state = self._resume_state, None
+        if state is None:  # a fresh run (or no checkpoint to resume from)
+            return
+        logger = logging.getLogger("detectron2")
+        if self._sampler_holder is None:
+            logger.warning("Resume: no Detectron2 sampler found in the train loader; its data stream restarts")
+        else:
+            sampler = self._sampler()
+            if "sampler_seed" in state and hasattr(sampler, "_seed"):
+                sampler._seed = state["sampler_seed"]
+            consumed = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+            self._sampler_holder.sampler = SkipSampler(sampler, consumed)
+            self._seed_loader_generator(self.start_iter)
+            logger.info(f"Resume: the train loader skips the {consumed} samples consumed before iteration "
+                        f"{self.start_iter}")
+        if "rng" in state and comm.get_world_size() == 1:
+            set_rng_state(state["rng"])
 
     @classmethod
     def build_train_loader(cls, cfg):
