@@ -16,6 +16,7 @@ setup(
         "delse": "projects/DELSE/delse",
     },
     entry_points={
+        "console_scripts": ["delse-serve = delse.label_studio:main"],  # the Label Studio ML backend
         "levelset_d2.config": [
             "levelset_rcnn = levelset_rcnn:add_levelset_rcnn_config",
             "delse = delse:add_delse_config",

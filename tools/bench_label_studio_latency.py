@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Latency of the DELSE Label Studio backend through its HTTP path (BENCHMARKS.md, section
+"DELSE in Label Studio"): POST /predict bodies as Label Studio sends them, on dsb2018 dev nuclei
+clicked at their GT extreme points, images read through --path-map (no Label Studio needed).
+
+Per object, three requests:
+- 4 clicks (a new task: image read + decode + predict),
+- a 5th click, the drag, continuing from the last request's predictor state (the usual case),
+- the same 5 clicks replayed from scratch (predict + drag; what any request costs after another
+  task or object came in between).
+
+    OMP_NUM_THREADS=2 .venv/bin/python tools/bench_label_studio_latency.py \\
+        --weights output/delse_R_18_dsb2018/model_final.pth --objects 10
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_util
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config-file", default=str(REPO / "configs/DELSE/delse_R_18_dsb2018.yaml"))
+    ap.add_argument("--weights", required=True)
+    ap.add_argument("--data", default=str(Path(os.environ.get("LEVELSET_SHARED_DATA", REPO.parent / "shared" / "data")) / "dsb2018"))
+    ap.add_argument("--objects", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    if args.objects < 5:
+        ap.error("--objects must be >= 5 (medians over at least 5 objects)")
+
+    import torch
+
+    from delse.label_studio import DELSEBackend, ImageLoader, build_predictor, make_server
+
+    data = Path(args.data)
+    backend = DELSEBackend(build_predictor(args.config_file, args.weights, args.device), "bench",
+                           ImageLoader(path_map=[("/data/upload/", str(data / "images"))]))
+    server = make_server(backend, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+    config = (REPO / "tests/test_label_studio_e2e.py").read_text().split('LABEL_CONFIG = """')[1].split('"""')[0]
+
+    dev = json.loads((data / "dev.json").read_text())
+    images = {im["id"]: im for im in dev["images"]}
+    anns = sorted((a for a in dev["annotations"] if a["area"] >= 300 and not a.get("iscrowd")), key=lambda a: a["id"])
+    anns = anns[::max(1, len(anns) // args.objects)][:args.objects]
+
+    def post(body):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out = json.loads(r.read())
+        return time.perf_counter() - t0, out
+
+    rows = []
+    for task_id, ann in enumerate(anns):
+        im = images[ann["image_id"]]
+        W, H = im["width"], im["height"]
+        seg = ann["segmentation"]
+        if isinstance(seg["counts"], list):
+            seg = mask_util.frPyObjects(seg, H, W)
+        gt = mask_util.decode(seg).astype(bool)
+        ys, xs = np.nonzero(gt)
+        pts = [(xs[i], ys[i]) for i in (xs.argmin(), xs.argmax(), ys.argmin(), ys.argmax())]
+        cy = ys.mean()
+        drag = (min(float(xs.max()) + 2, W - 1.0), float(cy))  # 2 px beyond the right extreme
+        clicks = [{"from_name": "kp", "to_name": "image", "type": "keypointlabels", "original_width": W,
+                   "original_height": H, "value": {"x": (x + 0.5) * 100 / W, "y": (y + 0.5) * 100 / H,
+                                                   "keypointlabels": ["Nucleus"]}} for x, y in pts + [drag]]
+
+        def body(n):
+            return {"tasks": [{"id": task_id, "data": {"image": f"/data/upload/{im['file_name']}"}}],
+                    "label_config": config, "params": {"context": {"result": clicks[:n]}}}
+
+        t4, out = post(body(4))
+        assert out["results"][0]["result"], f"no polygon for annotation {ann['id']}"
+        t5, _ = post(body(5))
+        backend._last = None  # forget the predictor state: the next request replays all 5 clicks
+        t5r, _ = post(body(5))
+        rows.append((t4, t5, t5r))
+        print(f"ann {ann['id']:>6} {im['file_name']} {W}x{H}: 4 clicks {t4 * 1000:6.1f} ms, drag "
+              f"{t5 * 1000:6.1f} ms, drag replayed {t5r * 1000:6.1f} ms")
+    med = np.median(np.asarray(rows), 0) * 1000
+    print(f"\nmedian over {len(rows)} objects (torch threads {torch.get_num_threads()}, device {args.device}): "
+          f"4 clicks {med[0]:.1f} ms, drag {med[1]:.1f} ms, drag replayed {med[2]:.1f} ms")
+    omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    print("command:", omp + " ".join(shlex.quote(a) for a in [sys.executable.replace(str(REPO) + "/", ""), *sys.argv]))
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
