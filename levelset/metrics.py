@@ -33,6 +33,8 @@ __all__ = [
     "boundary_f_curve",
     "jaccard",
     "davis_measures",
+    "davis_sequence_statistics",
+    "davis_sequence_measures",
     "match_detections",
     "af_scores",
     "boundary_iou",
@@ -211,6 +213,43 @@ def davis_measures(ious: Sequence[float], fs: Sequence[float]) -> Dict[str, floa
     ious, fs = np.asarray(ious, dtype=float), np.asarray(fs, dtype=float)
     return {"J_mean": float(np.mean(ious)), "J_recall": float(np.mean(ious > 0.5)),
             "F_mean": float(np.mean(fs)), "F_recall": float(np.mean(fs > 0.5))}
+
+
+def davis_sequence_statistics(values: Sequence[float]) -> Tuple[float, float, float]:
+    """Mean, recall and decay of one sequence's per-frame J or F, as the DAVIS toolkit computes
+    them (``db_statistics``): the caller passes the frames it evaluates (the toolkit drops the
+    first and the last). Decay: mean of the first quarter of the frames minus that of the last,
+    quarters bounded at ``round(linspace(1, n, 5)) - 1`` as the toolkit does.
+
+    Returns:
+        (mean, recall = fraction > 0.5, decay); nan for no frames.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    ids = (np.round(np.linspace(1, len(x), 5) + 1e-10) - 1).astype(int)
+    bins = [x[ids[i]: ids[i + 1] + 1] for i in range(4)]
+    return float(x.mean()), float(np.mean(x > 0.5)), float(bins[0].mean() - bins[3].mean())
+
+
+def davis_sequence_measures(ious: Dict[str, Sequence[float]], fs: Dict[str, Sequence[float]]) -> Dict[str, float]:
+    """DAVIS 2016 J/F as the official toolkit reports them: per sequence over its frames [1:-1]
+    (the first frame is the given one in semi-supervised VOS, the last is dropped as well), then
+    the mean over sequences of each statistic. Sequences of fewer than 3 frames have no frame
+    left and are not counted.
+
+    Args:
+        ious, fs: sequence name -> per-frame J / F, in frame order, every frame of the sequence.
+    Returns:
+        {"J_mean", "J_recall", "J_decay", "F_mean", "F_recall", "F_decay"}, fractions.
+    """
+    out = {}
+    for name, per_seq in (("J", ious), ("F", fs)):
+        stats = np.array([davis_sequence_statistics(list(v)[1:-1]) for v in per_seq.values() if len(v) > 2])
+        stats = stats.reshape(-1, 3)
+        for k, key in enumerate(("mean", "recall", "decay")):
+            out[f"{name}_{key}"] = float(stats[:, k].mean()) if len(stats) else float("nan")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,11 @@ def add_delse_config(cfg):
     cfg.MODEL.DELSE.PSP_CHANNELS = 64
     # Bin sizes of the PSP pyramid pooling (PSPNet).
     cfg.MODEL.DELSE.PSP_BINS = [1, 2, 3, 6]
+    # Width of each pooled bin's 1x1 conv: "psp_channels" (PSP_CHANNELS per bin, the layout of the
+    # existing checkpoints) or "pspnet" (in_channels / len(PSP_BINS) per bin, as PSPNet: the 3x3
+    # fusion conv then reads 2 x in_channels instead of in + 4 x PSP_CHANNELS; at R-101/512 the
+    # three branches are ~72 % of the FLOPs with the former, see tools/bench_delse_latency.py).
+    cfg.MODEL.DELSE.PSP_BIN_WIDTH = "psp_channels"
     # Norm of the heads' convs ("BN", "GN", "SyncBN", "" ...); the encoder uses MODEL.RESNETS.NORM.
     cfg.MODEL.DELSE.NORM = "BN"
     # Evolution terms (ablations, Table 6): without modulation m = 1 (plain curvature); both off
@@ -86,8 +91,20 @@ def add_delse_config(cfg):
     cfg.MODEL.DELSE.SHIFT_RANGE = 5.0
 
     # ---------------------------------------------------------------- interactive (section 4.4)
-    # Simulated drag-and-drop corrections per sample during joint training (0: no motion editing).
+    # Most simulated drag-and-drop corrections per sample during joint training (0: none). The
+    # paper evaluates up to 3 (Table 8); training with the same maximum shows the network the
+    # channels of several drags summed.
     cfg.MODEL.DELSE.NUM_CORRECTIONS = 0
+    # How many of them a sample gets: "uniform" (an integer drawn per sample and iteration from
+    # U{0..NUM_CORRECTIONS}, so rounds 0..N are all trained and the first ones most often, as at
+    # test time every object sees them) or "fixed" (always NUM_CORRECTIONS, until the annotator
+    # finds the mask within 1 px). The paper does not say; "uniform" is our choice.
+    cfg.MODEL.DELSE.CORRECTION_SAMPLING = "uniform"
+    # What a correction feeds the network (Table 8's two rows): "motion_editing" (the drag's target
+    # joins the extreme-point channel as a click and the drag, encoded in two channels, re-predicts
+    # V through the motion-editing block) or "clicks" (the target joins the point channel only, as
+    # DEXTR's boundary clicks; the editing block is not used and gets no gradient).
+    cfg.MODEL.DELSE.CORRECTION_MODE = "motion_editing"
     # Simulated corrections at test time; the evaluator reports IoU after 0..N of them.
     cfg.MODEL.DELSE.TEST_NUM_CORRECTIONS = 2
     # Motion-editing block: residual 3x3 convs of this width, then a 2-channel conv.
@@ -99,8 +116,9 @@ def add_delse_config(cfg):
     # Pixel tolerances of the boundary F-measure curve (DAVIS multi-scale evaluation, Fig. 5).
     cfg.TEST.DELSE.BOUNDARY_TOLERANCES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     # Also report the mIoU at the mask threshold that maximises it on the evaluated set (the
-    # paper's protocol for DEXTR and DELSE, after DEXTR; optimistic: tuned on the test data).
-    cfg.TEST.DELSE.THRESHOLD_SEARCH = False
+    # paper's protocol for DEXTR and DELSE alike, after DEXTR; optimistic: tuned on the test data),
+    # beside the default threshold's mIoU. On for every model so the comparison stays symmetric.
+    cfg.TEST.DELSE.THRESHOLD_SEARCH = True
     # Thresholds searched on phi_T (crop pixels; the default mask is phi_T > 0) ...
     cfg.TEST.DELSE.PHI_THRESHOLDS = [x / 2.0 for x in range(-20, 21)]
     # ... and on the pixel-wise baseline's probability (default mask: p > 0.5).

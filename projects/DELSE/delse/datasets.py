@@ -20,6 +20,19 @@ registered (lazily) on import, under ``$DETECTRON2_DATASETS`` (default ``./datas
   official val split, where the papers report), and for the interactive model (section 5.3)
   ``delse_cityscapes_polyrnn_train_{10,6}cities`` (the 16 cities split 10 / 6).
 
+Shared data (``$LEVELSET_SHARED_DATA``, default ``<repo>/../shared/data``; see its README), for
+DELSE only:
+
+- COCO-MVal (``coco_mval/``: 800 objects, 10 per COCO class, on val2017 photos; split by image):
+  ``delse_coco_mval_train`` (561 images, 610 objects) and ``delse_coco_mval_dev`` (161, 190), one
+  category "object". Only the listed objects are annotated, so these are per-object (extreme point)
+  data: never train or score a detector on them.
+- The interactive fine-tuning split (section 5.3: DELSE* is trained on 10 of the 16 Cityscapes
+  training cities and its interactive model fine-tuned on the other 6): ``<train>_base`` and
+  ``<train>_interactive`` split a training set by image, 6/16 of the images held out for the
+  fine-tuning, deterministically (:func:`interactive_split`), for ``delse_dsb2018_train`` (of
+  ``dsb2018_train``) and ``delse_coco_mval_train``.
+
 Masks are COCO RLE dicts (use them with ``INPUT.MASK_FORMAT: bitmask`` in Mask R-CNN configs;
 DELSE's mapper reads any format). PASCAL's void pixels (the 5 px band around every object and
 unlabelled regions) are kept per image as ``record["void_segmentation"]`` (RLE), which
@@ -30,6 +43,7 @@ raises an error naming the file.
 """
 import logging
 import os
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -51,6 +65,8 @@ __all__ = [
     "load_davis2016",
     "load_cityscapes_polyrnn",
     "register_delse_datasets",
+    "interactive_split",
+    "INTERACTIVE_FRACTION",
 ]
 
 VOC_CLASSES = (
@@ -256,6 +272,42 @@ def load_cityscapes_polyrnn(root, split):
     return [r for r in records if os.path.basename(os.path.dirname(r["file_name"])) in cities]
 
 
+# Share of a training set's images held out for the interactive fine-tuning (the paper's 6 of 16 cities).
+INTERACTIVE_FRACTION = 6 / 16
+
+
+def interactive_split(records, part, fraction=INTERACTIVE_FRACTION):
+    """Split image records for DELSE's interactive fine-tuning (section 5.3), by image.
+
+    The images are ordered by the CRC-32 of their file name (independent of the records' order and
+    of any random state) and the first ``round(fraction * n)`` form the "interactive" part, the
+    others the "base" part, on which the model is pre-trained and jointly trained.
+
+    Args:
+        records: list of Detectron2 image records; part: "base" or "interactive".
+    Returns:
+        the records of that part, in their original order.
+    """
+    if part not in ("base", "interactive"):
+        raise ValueError(f"part must be 'base' or 'interactive', got {part!r}")
+    order = sorted(range(len(records)),
+                   key=lambda i: (zlib.crc32(os.path.basename(records[i]["file_name"]).encode()), i))
+    held = set(order[: int(round(fraction * len(records)))])
+    return [r for i, r in enumerate(records) if (i in held) == (part == "interactive")]
+
+
+def load_coco_mval(split, root=None):
+    """COCO-MVal ``split`` ("train" or "dev") from ``<root>/coco_mval`` (default: the shared data
+    folder of ``levelset_d2.datasets``): RLE masks, category 0 ("object"), ``mval_name`` kept."""
+    from detectron2.data.datasets import load_coco_json
+    from levelset_d2.datasets import shared_data_root
+
+    folder = os.path.join(root or str(shared_data_root()), "coco_mval")
+    # The dataset name makes load_coco_json map the json's category id 1 to the contiguous 0.
+    return load_coco_json(_require(os.path.join(folder, f"{split}.json")), os.path.join(folder, "images"),
+                          f"delse_coco_mval_{split}", extra_annotation_keys=["mval_name"])
+
+
 def _root():
     return os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
 
@@ -276,6 +328,18 @@ for _split in ("train", "val", "test", "train_10cities", "train_6cities"):
         lambda r, s=_split: load_cityscapes_polyrnn(os.path.join(r, "cityscapes"), s), CITYSCAPES_THING_CLASSES)
 
 
+# name -> (loader of the records, thing classes): the shared data and the interactive splits.
+_SHARED = {
+    "delse_coco_mval_train": (lambda: load_coco_mval("train"), ("object",)),
+    "delse_coco_mval_dev": (lambda: load_coco_mval("dev"), ("object",)),
+}
+for _train, _source, _classes in [("delse_dsb2018_train", "dsb2018_train", ("nucleus",)),
+                                   ("delse_coco_mval_train", "delse_coco_mval_train", ("object",))]:
+    for _part in ("base", "interactive"):
+        _SHARED[f"{_train}_{_part}"] = (
+            lambda s=_source, p=_part: interactive_split(DatasetCatalog.get(s), p), _classes)
+
+
 def register_delse_datasets(root=None):
     """Register every dataset above (idempotent); ``root`` defaults to ``$DETECTRON2_DATASETS``,
     read when a dataset is loaded, not at import."""
@@ -285,6 +349,12 @@ def register_delse_datasets(root=None):
         DatasetCatalog.register(name, lambda load=load: load(root or _root()))
         meta = MetadataCatalog.get(name)
         meta.set(evaluator_type="delse", thing_classes=list(classes))
+        if name.startswith("delse_davis"):
+            meta.set(video_sequences=True)  # J/F per sequence, as the DAVIS toolkit (DELSEEvaluator)
+    for name, (load, classes) in _SHARED.items():
+        if name not in DatasetCatalog.list():
+            DatasetCatalog.register(name, load)
+            MetadataCatalog.get(name).set(evaluator_type="delse", thing_classes=list(classes))
 
 
 register_delse_datasets()

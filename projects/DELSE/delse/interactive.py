@@ -7,7 +7,24 @@ import levelset
 
 from .data import points_heatmap
 
-__all__ = ["simulate_correction", "drag_channels", "boundary_pixels"]
+__all__ = ["simulate_correction", "drag_channels", "boundary_pixels", "sample_num_corrections", "CORRECTION_MODES"]
+
+# MODEL.DELSE.CORRECTION_MODE: Table 8's two rows.
+CORRECTION_MODES = ("motion_editing", "clicks")
+
+
+def sample_num_corrections(num_samples, max_corrections, sampling="uniform", generator=None):
+    """Simulated corrections of each training sample (MODEL.DELSE.CORRECTION_SAMPLING).
+
+    "uniform": an integer from U{0..max_corrections} per sample; "fixed": max_corrections each.
+    Returns:
+        list of ``num_samples`` ints.
+    """
+    if sampling == "fixed":
+        return [int(max_corrections)] * num_samples
+    if sampling != "uniform":
+        raise ValueError(f"unknown correction sampling {sampling!r}; expected 'uniform' or 'fixed'")
+    return torch.randint(0, int(max_corrections) + 1, (num_samples,), generator=generator).tolist()
 
 
 def boundary_pixels(mask):

@@ -16,7 +16,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, b
 from detectron2.utils.events import get_event_storage
 
 from .data import paste_to_image, points_heatmap
-from .interactive import drag_channels, simulate_correction
+from .interactive import CORRECTION_MODES, drag_channels, sample_num_corrections, simulate_correction
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ __all__ = [
     "PSPModule",
     "SkipFeatures",
     "MotionEditingBlock",
+    "copy_rgb_stem",
 ]
 
 
@@ -47,18 +48,59 @@ def build_delse_encoder(cfg, in_channels):
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
-class PSPModule(nn.Module):
-    """Pyramid pooling (PSPNet) followed by a 3x3 fusion conv and a 1x1 predictor."""
+def copy_rgb_stem(stem_conv, state_dict):
+    """DEXTR's initialisation of the 4-channel stem from a 3-channel (ImageNet) checkpoint: the
+    RGB filters are copied, the extreme-point plane starts at zero.
 
-    def __init__(self, in_channels, channels, out_channels, bins=(1, 2, 3, 6), norm="BN"):
+    The checkpoint's stem is found by shape, not by name (Detectron2 "stem.conv1.weight", Caffe2
+    "conv1_w", torchvision "conv1.weight"): the one (C, 3, k, k) tensor whose C and k are the
+    stem's. Returns whether a filter was copied (False: no 3-channel stem in ``state_dict``)."""
+    w = stem_conv.weight
+    want = (w.shape[0], 3) + tuple(w.shape[2:])
+    found = [v for v in state_dict.values() if hasattr(v, "shape") and tuple(v.shape) == want]
+    if w.shape[1] != 4 or len(found) != 1:
+        return False
+    with torch.no_grad():
+        w[:, :3].copy_(torch.as_tensor(found[0], dtype=w.dtype))
+        w[:, 3:].zero_()
+    return True
+
+
+def _init_stem_from_weights(encoder, weights):
+    """Before the checkpointer loads ``MODEL.WEIGHTS`` (which skips the 4-channel stem as a shape
+    mismatch), copy the RGB filters of a 3-channel model-zoo ``.pkl`` into the stem. DELSE's own
+    ``.pth`` checkpoints hold the 4-channel stem and are left to the checkpointer."""
+    if not weights or not weights.endswith(".pkl"):
+        return
+    from levelset_d2.checkpoint import SafeDetectionCheckpointer
+
+    checkpointer = SafeDetectionCheckpointer(nn.Module())
+    try:
+        local = checkpointer.path_manager.get_local_path(weights)  # downloads a URL once (cached)
+    except OSError as e:  # offline: the checkpointer's own load reports it when it runs
+        logger.warning(f"DELSE: cannot read {weights} to initialise the stem ({e}); it starts random")
+        return
+    loaded = checkpointer._load_file(local)
+    if copy_rgb_stem(encoder.stem.conv1, loaded.get("model", loaded)):
+        logger.info(f"DELSE: stem RGB filters copied from {weights}, extreme-point plane set to zero "
+                    "(DEXTR); the checkpointer then skips the 3-channel stem")
+
+
+class PSPModule(nn.Module):
+    """Pyramid pooling (PSPNet) followed by a 3x3 fusion conv and a 1x1 predictor.
+
+    ``bin_channels``: width of each pooled bin (default ``channels``; PSPNet: in_channels / bins)."""
+
+    def __init__(self, in_channels, channels, out_channels, bins=(1, 2, 3, 6), norm="BN", bin_channels=None):
         super().__init__()
         self.bins = tuple(bins)
+        bin_channels = channels if bin_channels is None else int(bin_channels)
         # No norm on the pooled maps: a 1x1 bin has one value per channel (GN and BN in batch 1
         # cannot normalise it).
         self.stages = nn.ModuleList(
-            Conv2d(in_channels, channels, 1, activation=F.relu) for _ in self.bins
+            Conv2d(in_channels, bin_channels, 1, activation=F.relu) for _ in self.bins
         )
-        self.fuse = Conv2d(in_channels + channels * len(self.bins), channels, 3, padding=1,
+        self.fuse = Conv2d(in_channels + bin_channels * len(self.bins), channels, 3, padding=1,
                            bias=not norm, norm=get_norm(norm, channels), activation=F.relu)
         self.predictor = nn.Conv2d(channels, out_channels, 1)
 
@@ -182,6 +224,8 @@ class DELSE(nn.Module):
         direction_loss_weight=1.0,
         shift_range=5.0,
         num_corrections=0,
+        correction_sampling="uniform",
+        correction_mode="motion_editing",
         test_num_corrections=0,
         heatmap_sigma=10.0,
     ):
@@ -214,12 +258,18 @@ class DELSE(nn.Module):
         self.direction_loss_weight = float(direction_loss_weight)
         self.shift_range = float(shift_range)
         self.num_corrections = int(num_corrections)
+        if correction_sampling not in ("uniform", "fixed"):
+            raise ValueError(f"MODEL.DELSE.CORRECTION_SAMPLING must be 'uniform' or 'fixed', got {correction_sampling!r}")
+        if correction_mode not in CORRECTION_MODES:
+            raise ValueError(f"MODEL.DELSE.CORRECTION_MODE must be one of {CORRECTION_MODES}, got {correction_mode!r}")
+        self.correction_sampling = correction_sampling
+        self.correction_mode = correction_mode
         self.test_num_corrections = int(test_num_corrections)
         self.heatmap_sigma = float(heatmap_sigma)
         # Parts that this configuration never trains get no gradients (and DDP no unused
         # parameters): the editing block without simulated corrections, and switched-off branches.
         # An untrained editing block is the identity (its last conv starts at zero).
-        for part, used in [(motion_editing, self.num_corrections > 0 and not self.pixel_wise),
+        for part, used in [(motion_editing, self.num_corrections > 0 and self.edits_motion),
                            (motion_branch, self.use_motion), (modulation_branch, self.use_modulation)]:
             if not used:
                 part.requires_grad_(False)
@@ -229,12 +279,18 @@ class DELSE(nn.Module):
         d = cfg.MODEL.DELSE
         use_points = d.USE_EXTREME_POINTS
         encoder = build_delse_encoder(cfg, 4 if use_points else 3)
+        if use_points:
+            _init_stem_from_weights(encoder, cfg.MODEL.WEIGHTS)
         shapes = encoder.output_shape()
         skip = SkipFeatures({n: shapes[n] for n in d.ENCODER_FEATURES}, d.SKIP_CHANNELS, d.NORM,
                             d.SKIP_FEATURES)
 
+        if d.PSP_BIN_WIDTH not in ("psp_channels", "pspnet"):
+            raise ValueError(f"MODEL.DELSE.PSP_BIN_WIDTH must be 'psp_channels' or 'pspnet', got {d.PSP_BIN_WIDTH!r}")
+        bin_channels = d.PSP_CHANNELS if d.PSP_BIN_WIDTH == "psp_channels" else skip.out_channels // len(d.PSP_BINS)
+
         def branch(out_channels):
-            return PSPModule(skip.out_channels, d.PSP_CHANNELS, out_channels, d.PSP_BINS, d.NORM)
+            return PSPModule(skip.out_channels, d.PSP_CHANNELS, out_channels, d.PSP_BINS, d.NORM, bin_channels)
 
         return {
             "encoder": encoder,
@@ -263,6 +319,8 @@ class DELSE(nn.Module):
             "direction_loss_weight": d.DIRECTION_LOSS_WEIGHT,
             "shift_range": d.SHIFT_RANGE,
             "num_corrections": d.NUM_CORRECTIONS,
+            "correction_sampling": d.CORRECTION_SAMPLING,
+            "correction_mode": d.CORRECTION_MODE,
             "test_num_corrections": d.TEST_NUM_CORRECTIONS,
             "heatmap_sigma": cfg.INPUT.DELSE.HEATMAP_SIGMA,
         }
@@ -272,13 +330,19 @@ class DELSE(nn.Module):
         return self.pixel_mean.device
 
     @property
+    def edits_motion(self):
+        """Whether a correction re-predicts V through the motion-editing block (section 4.4); else a
+        drag acts only as a click in the extreme-point channel (pixel-wise baseline, "clicks")."""
+        return not self.pixel_wise and self.correction_mode == "motion_editing"
+
+    @property
     def evolves(self):
         """False for the paper's "Level Set Regression" baseline (no motion, no modulation)."""
         return self.use_motion or self.use_modulation
 
     # ------------------------------------------------------------------ network
     def layers(self, images, heatmaps, drags=None):
-        """The network of Fig. 2.
+        """The network of Fig. 2: :meth:`branches`, then :meth:`edit_and_upsample`.
 
         Args:
             images: (N, 3, S, S) raw crops (0-255, cfg.INPUT.FORMAT); heatmaps: (N, 1, S, S) in
@@ -286,32 +350,44 @@ class DELSE(nn.Module):
         Returns:
             dict of (N, C, S, S) tensors: ``phi0`` (pixels), ``motion`` (vx, vy), ``modulation``.
         """
+        return self.edit_and_upsample(self.branches(images, heatmaps), images.shape[-2:], drags)
+
+    def branches(self, images, heatmaps):
+        """Encoder, skip features and the three branches, at the branches' resolution (stride of
+        the finest encoder stage): ``phi0`` (pixels), ``motion`` (V before any editing) and
+        ``modulation`` (after its sigmoid), each (N, C, h, w); the pixel-wise baseline: ``logits``."""
         x = (images - self.pixel_mean) / self.pixel_std
         if self.use_extreme_points:
             # Bring the heatmap to the range of the normalised colour channels.
             x = torch.cat([x, heatmaps * (255.0 / self.pixel_std.mean())], dim=1)
         feats = self.skip_features(self.encoder(x))
-        size = images.shape[-2:]
+        if self.pixel_wise:
+            return {"logits": self.initial_level_set_branch(feats)}
+        # The branch regresses TSDF / D, an O(1) target; phi0 itself is in pixels.
+        return {"phi0": self.initial_level_set_branch(feats) * self.tsdf_truncation,
+                "motion": self.motion_branch(feats),
+                "modulation": torch.sigmoid(self.modulation_branch(feats))}
+
+    def edit_and_upsample(self, low, size, drags=None):
+        """Motion-field editing (section 4.4) of the branches' outputs ``low`` with the (N, 2, S, S)
+        ``drags`` channels, if any, then everything upsampled to ``size``: the terms of eq. 9."""
 
         def up(t):
             return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
         if self.pixel_wise:
-            logits = up(self.initial_level_set_branch(feats))
+            logits = up(low["logits"])
             n, _, h, w = logits.shape
             return {"phi0": logits, "prob": torch.sigmoid(logits),
                     "motion": logits.new_zeros(n, 2, h, w), "modulation": logits.new_ones(n, 1, h, w)}
-        # The branch regresses TSDF / D, an O(1) target; phi0 itself is in pixels.
-        phi0 = self.initial_level_set_branch(feats) * self.tsdf_truncation
-        motion = self.motion_branch(feats)
-        if drags is not None:
+        motion = low["motion"]
+        if drags is not None and self.edits_motion:
             # The block runs at the branches' resolution; samples without drags keep their V.
-            low = F.adaptive_avg_pool2d(drags, motion.shape[-2:])
-            edited = self.motion_editing(motion, low)
+            pooled = F.adaptive_avg_pool2d(drags, motion.shape[-2:])
+            edited = self.motion_editing(motion, pooled)
             has_drag = drags.flatten(1).abs().sum(1).gt(0).view(-1, 1, 1, 1)
             motion = torch.where(has_drag, edited, motion)
-        modulation = torch.sigmoid(self.modulation_branch(feats))
-        return {"phi0": up(phi0), "motion": up(motion), "modulation": up(modulation)}
+        return {"phi0": up(low["phi0"]), "motion": up(motion), "modulation": up(low["modulation"])}
 
     def evolve(self, phi0, motion, modulation):
         """phi_T of eq. 9 with the terms switched on in the config; returns (N, 1, S, S)."""
@@ -389,20 +465,45 @@ class DELSE(nn.Module):
         return evolution_loss(phi, gt_mask, self.heaviside_eps)
 
     def final_mask_loss(self, out, gt_mask, images, heatmaps):
-        """mask_loss of the final prediction, and of the prediction after each simulated drag
-        (NUM_CORRECTIONS), averaged."""
+        """mask_loss of the final prediction and of the prediction after each simulated drag.
+
+        Each sample gets its own number of drags (MODEL.DELSE.CORRECTION_SAMPLING, at most
+        NUM_CORRECTIONS) and none once the annotator finds its mask within 1 px; every round
+        re-runs the network on the samples dragged in it. The loss is the mean over all
+        (sample, round) predictions, round 0 included."""
         phi_t = self.evolve(out["phi0"], out["motion"], out["modulation"])
         loss = self.mask_loss(phi_t, gt_mask)
-        if self.num_corrections > 0:
-            state = [self.new_interaction(h[0]) for h in heatmaps]
-            for _ in range(self.num_corrections):
-                for s, phi, gt in zip(state, phi_t.detach()[:, 0], gt_mask):
-                    self.add_drag(s, simulate_correction(phi, gt))
-                corrected = self.corrected_terms(images, state)
-                phi_t = self.evolve(corrected["phi0"], corrected["motion"], corrected["modulation"])
-                loss = loss + self.mask_loss(phi_t, gt_mask)
-            loss = loss / (self.num_corrections + 1)
-        return loss
+        if self.num_corrections == 0:
+            return loss
+        n = len(gt_mask)
+        counts = sample_num_corrections(n, self.num_corrections, self.correction_sampling)
+        state = [self.new_interaction(h[0]) for h in heatmaps]
+        phi_last = phi_t.detach()[:, 0].clone()
+        total, weight = loss * n, n
+        active = list(range(n))
+        for r in range(1, max(counts) + 1):
+            dragged = []
+            for i in active:
+                if counts[i] < r:
+                    continue
+                drag = simulate_correction(phi_last[i], gt_mask[i])
+                if drag is not None:
+                    self.add_drag(state[i], drag)
+                    dragged.append(i)
+            active = dragged
+            if not active:
+                break
+            idx = torch.tensor(active, device=images.device)
+            corrected = self.corrected_terms(images[idx], [state[i] for i in active])
+            phi_r = self.evolve(corrected["phi0"], corrected["motion"], corrected["modulation"])
+            total = total + self.mask_loss(phi_r, gt_mask[idx]) * len(active)
+            weight += len(active)
+            phi_last[idx] = phi_r.detach()[:, 0]
+        if weight == n and self.edits_motion:
+            # No drag in this batch: keep the editing block in the graph (DDP expects every
+            # trainable parameter to get a gradient, here zero).
+            total = total + sum(p.sum() for p in self.motion_editing.parameters()) * 0.0
+        return total / weight
 
     # ------------------------------------------------------------------ corrections
     def new_interaction(self, heatmap):
@@ -410,7 +511,8 @@ class DELSE(nn.Module):
         return {"heatmap": heatmap, "drags": []}
 
     def add_drag(self, state, drag):
-        """Record a drag: its target joins the extreme-point channel (as DEXTR's extra clicks)."""
+        """Record a drag: its target joins the extreme-point channel (as DEXTR's extra clicks);
+        with motion editing the drag itself also enters the two drag channels."""
         if drag is None:
             return
         state["drags"].append(drag)
@@ -418,14 +520,18 @@ class DELSE(nn.Module):
         click = points_heatmap(drag[1][None], S, self.heatmap_sigma).to(state["heatmap"])
         state["heatmap"] = torch.maximum(state["heatmap"], click)
 
+    def drag_tensor(self, states, size):
+        """(N, 2, S, S) motion-editing channels of every sample's drags so far."""
+        return torch.stack([drag_channels(s["drags"], size, self.device) for s in states])
+
     def corrected_terms(self, images, states):
-        """Re-run the network with every sample's corrections (heatmap + motion editing)."""
+        """Re-run the network with every sample's corrections (heatmap, and the drag channels with
+        motion editing): the full pass of section 4.4."""
         S = images.shape[-2:]
         heatmaps = torch.stack([s["heatmap"] for s in states])[:, None]
-        if self.pixel_wise:
+        if not self.edits_motion:
             return self.layers(images, heatmaps)
-        drags = torch.stack([drag_channels(s["drags"], S, self.device) for s in states])
-        return self.layers(images, heatmaps, drags)
+        return self.layers(images, heatmaps, self.drag_tensor(states, S))
 
     # ------------------------------------------------------------------ inference
     def _result(self, terms, i, phi, x):

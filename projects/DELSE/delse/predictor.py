@@ -66,6 +66,10 @@ class DELSEPredictor:
         predictor = DELSEPredictor(cfg)
         result = predictor.predict(image_bgr, [(x_left, y), (x_right, y), (x, y_top), (x, y_bottom)])
         result = predictor.correct(from_point=(x0, y0), to_point=(x1, y1))  # as often as needed
+        result = predictor.correct(p0, p1, preview=True)  # fast: motion editing + evolution only
+
+    The outputs of the last full pass (encoder, skip features, the three branches) are kept, so
+    a preview correction costs only the motion-editing block and the evolution.
     """
 
     def __init__(self, cfg, model=None):
@@ -124,17 +128,29 @@ class DELSEPredictor:
         device = self.model.device
         heatmap = points_heatmap(crop_points, (S, S), self.heatmap_sigma).to(device)
         images = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))).float()[None].to(device)
-        terms = self.model.layers(images, heatmap[None, None])
+        low = self.model.branches(images, heatmap[None, None])
         self._state = {
             "images": images, "crop_box": crop_box, "size": (H, W),
-            "interaction": self.model.new_interaction(heatmap),
+            "interaction": self.model.new_interaction(heatmap), "branches": low,
         }
-        return self._finish(terms)
+        return self._finish(self.model.edit_and_upsample(low, (S, S)))
 
     @torch.no_grad()
-    def correct(self, from_point, to_point):
+    def correct(self, from_point, to_point, preview=False):
         """Drag the wrong boundary point ``from_point`` onto ``to_point`` (image (x, y)) and
-        re-predict with all corrections so far (motion-field editing, section 4.4)."""
+        re-predict with all corrections so far (section 4.4).
+
+        The default is the faithful full pass: the drag's target joins the extreme-point channel
+        as a click, the whole network re-runs, and the drags re-predict V through the
+        motion-editing block before the evolution.
+
+        ``preview=True`` is the motion-editing half of section 4.4 only: the branches' outputs of
+        the last full pass are reused, all drags so far re-predict V through the editing block,
+        and the level set is re-evolved; the new click is not seen by the encoder until the next
+        full pass (a later ``correct()`` without preview, which includes every drag so far). A
+        model without motion editing (pixel-wise baseline, CORRECTION_MODE "clicks") has no
+        preview: its corrections act only through the click channel, so the full pass runs.
+        """
         if self._state is None:
             raise RuntimeError("call predict() before correct()")
         st = self._state
@@ -148,10 +164,12 @@ class DELSEPredictor:
             return st["result"]
         src, dst = points_to_crop(drag, st["crop_box"], S)
         device = self.model.device
-        self.model.add_drag(st["interaction"], (torch.from_numpy(src).to(device),
-                                                 torch.from_numpy(dst).to(device)))
-        terms = self.model.corrected_terms(st["images"], [st["interaction"]])
-        return self._finish(terms)
+        interaction = st["interaction"]
+        self.model.add_drag(interaction, (torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)))
+        drags = self.model.drag_tensor([interaction], (S, S)) if self.model.edits_motion else None
+        if not (preview and self.model.edits_motion):
+            st["branches"] = self.model.branches(st["images"], interaction["heatmap"][None, None])
+        return self._finish(self.model.edit_and_upsample(st["branches"], (S, S), drags))
 
     def _finish(self, terms):
         phi = self.model.evolve(terms["phi0"], terms["motion"], terms["modulation"])[0, 0]
