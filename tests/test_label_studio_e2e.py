@@ -137,7 +137,8 @@ def trained_delse(dsb2018, request):
     import delse
     from delse.label_studio import nearest_contour_point
 
-    key = hashlib.sha256((CONFIG.read_text() + json.dumps(TRAIN_OPTS)).encode()).hexdigest()[:12]
+    configs = [CONFIG, *sorted(CONFIG.parent.glob("Base-*.yaml"))]  # the file and its _BASE_s
+    key = hashlib.sha256(("".join(c.read_text() for c in configs) + json.dumps(TRAIN_OPTS)).encode()).hexdigest()[:12]
     out = Path(request.config.cache.mkdir(f"delse_label_studio_{key}"))
     weights = out / "model_final.pth"
     if not weights.exists():
