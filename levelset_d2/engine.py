@@ -38,7 +38,7 @@ from .datasets import prepare_dataset
 from .evaluation import build_detection_evaluator
 from .robust_data import build_robust_test_loader, build_robust_train_loader
 
-__all__ = ["Trainer", "register_meta_architecture", "ArchitectureHooks", "setup", "main"]
+__all__ = ["Trainer", "register_meta_architecture", "ArchitectureHooks", "ddp_kwargs", "setup", "main"]
 
 
 @dataclass(frozen=True)
@@ -47,18 +47,21 @@ class ArchitectureHooks:
 
     build_train_loader(cfg); build_test_loader(cfg, dataset_name);
     build_evaluator(cfg, dataset_name, output_folder) -> DatasetEvaluator.
+    find_unused_parameters: for DDP, when some iterations leave trainable parameters out of the loss.
     """
 
     build_train_loader: Optional[Callable] = None
     build_test_loader: Optional[Callable] = None
     build_evaluator: Optional[Callable] = None
+    find_unused_parameters: bool = False
 
 
 _ARCHITECTURES: Dict[str, ArchitectureHooks] = {}
 
 
 def register_meta_architecture(name: str, **builders) -> None:
-    """Use these builders (fields of :class:`ArchitectureHooks`) for ``MODEL.META_ARCHITECTURE == name``."""
+    """Use these builders and options (fields of :class:`ArchitectureHooks`) for
+    ``MODEL.META_ARCHITECTURE == name``."""
     _ARCHITECTURES[name] = ArchitectureHooks(**builders)
 
 
@@ -124,14 +127,22 @@ def _loader_parts(loader):
     return holder, torch_loader
 
 
+def ddp_kwargs(cfg, model) -> dict:
+    """Arguments of the DistributedDataParallel wrapper of ``model`` in a multi-process run: its
+    process's GPU on CUDA, none on CPU (DDP rejects device_ids for a CPU model), and unused-parameter
+    detection where the architecture asks for it."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return {"device_ids": None if on_cpu else [comm.get_local_rank()], "broadcast_buffers": False,
+            "find_unused_parameters": _hooks(cfg).find_unused_parameters}
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with the registered loaders and evaluators, atomic checkpoints, CPU models
     wrapped in DDP without ``device_ids``, and resumes that continue the data stream and the
     random states."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except for the DDP wrapper: Detectron2 passes
-        # device_ids=[local_rank], which DistributedDataParallel rejects for a CPU model.
+        # DefaultTrainer.__init__, except for the DDP wrapper (ddp_kwargs) and the checkpointer.
         TrainerBase.__init__(self)
         logger = logging.getLogger("detectron2")
         if not logger.isEnabledFor(logging.INFO):
@@ -142,9 +153,7 @@ class Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
 
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        ddp_kwargs = {"device_ids": None} if on_cpu else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        model = create_ddp_model(model, **ddp_kwargs(cfg, model))
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer
         )

@@ -43,6 +43,8 @@ register_meta_architecture(
     build_train_loader=build_delse_train_loader,
     build_test_loader=build_delse_test_loader,
     build_evaluator=lambda cfg, dataset_name, output_folder: DELSEEvaluator(dataset_name, cfg, output_folder),
+    # Pre-training leaves the motion-editing block out of the loss (it trains with the corrections).
+    find_unused_parameters=True,
 )
 
 __all__ = [
