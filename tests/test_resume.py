@@ -23,6 +23,7 @@ import torch
 
 from detectron2.data.samplers import TrainingSampler
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
+from levelset_d2.datasets import prepare_dataset
 from levelset_d2.engine import SkipSampler, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +60,7 @@ def test_skip_sampler_continues_the_training_sampler_stream():
 
 # ------------------------------------------------------------------------------- train_net runs
 def _train_net(config, out, *opts, resume=False):
+    prepare_dataset("synthetic_shapes_train")  # once, here: runs started together must not both write it
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     args = [sys.executable, str(REPO / "train_net.py"), "--config-file", str(config)]
     args += ["--resume"] if resume else []
