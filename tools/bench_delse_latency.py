@@ -1,12 +1,14 @@
 """Per-object latency of DELSE's interactive predictor (paper: 160 ms per object on a GPU).
 
     .venv/bin/python tools/bench_delse_latency.py [--config configs/DELSE/delse_R_101_pascal_sbd.yaml]
-        [--objects 5] [--device cpu|cuda]
+        [--objects 5] [--device cpu|cuda] [--psp-widths psp_channels pspnet]
 
-Builds the paper-size model (ResNet-101 encoder, three PSP branches, 512x512 input, T = 5) with
-random weights — latency does not depend on the weights — and times ``DELSEPredictor.predict``
-(four extreme clicks) and ``DELSEPredictor.correct`` (one drag) on instances of the real COCO
-val2017 sample, extreme points taken from their ground-truth masks.
+Builds the model of the config (default the paper size: ResNet-101 encoder, three PSP branches,
+512x512 input, T = 5) with random weights — latency does not depend on the weights — and times,
+per object, ``DELSEPredictor.predict`` (four extreme clicks), ``correct`` (one drag, the full pass)
+and ``correct(preview=True)`` (the editing block and the evolution only), medians over the real
+COCO val2017 sample's objects, extreme points from their GT masks. For each MODEL.DELSE.PSP_BIN_WIDTH
+given it also counts the FLOPs of one full pass (fvcore) and the share of the three PSP branches.
 """
 import argparse
 import time
@@ -24,7 +26,39 @@ def main():
     ap.add_argument("--config", default=str(REPO / "configs/DELSE/delse_R_101_pascal_sbd.yaml"))
     ap.add_argument("--objects", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--psp-widths", nargs="+", default=["psp_channels", "pspnet"],
+                    choices=["psp_channels", "pspnet"], help="MODEL.DELSE.PSP_BIN_WIDTH values to time")
     args = ap.parse_args()
+    print("| PSP bin width | predict (4 clicks), ms | correct (1 drag, full pass), ms | correct(preview=True), ms "
+          "| GFLOPs of a full pass | PSP branches' share |\n|---|---|---|---|---|---|")
+    for width in args.psp_widths:
+        run(args, width)
+
+
+def flops(model, S, device):
+    """fvcore's FLOP count (one multiply-add = 1) of one full pass, and the three branches' share."""
+    from fvcore.nn import FlopCountAnalysis
+
+    images = torch.zeros(1, 3, S, S, device=device)
+    heat = torch.zeros(1, 1, S, S, device=device)
+
+    class Full(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, images, heat):
+            t = self.m.layers(images, heat)
+            return self.m.evolve(t["phi0"], t["motion"], t["modulation"])
+
+    fca = FlopCountAnalysis(Full(model), (images, heat))
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_module = fca.by_module()
+    branches = sum(by_module.get(f"m.{b}", 0) for b in ("initial_level_set_branch", "motion_branch", "modulation_branch"))
+    return fca.total() / 1e9, branches / max(fca.total(), 1)
+
+
+def run(args, width):
 
     import delse
     from detectron2.data import DatasetCatalog
@@ -33,7 +67,8 @@ def main():
     cfg = delse.get_cfg()
     cfg.merge_from_file(args.config)
     # The editing block exists once the model is trained with simulated corrections.
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.DELSE.NUM_CORRECTIONS", "1"])
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.DELSE.NUM_CORRECTIONS", "1",
+                         "MODEL.DELSE.PSP_BIN_WIDTH", width])
     torch.manual_seed(0)
     predictor = delse.DELSEPredictor(cfg)
 
@@ -58,20 +93,23 @@ def main():
 
     image0 = cv2.imread(objects[0][0])
     predictor.predict(image0, objects[0][1])  # warm-up
-    t_pred, t_corr = [], []
+    t_pred, t_corr, t_prev = [], [], []
     for path, points in objects:
         image = cv2.imread(path)
-        res, t = timed(lambda: predictor.predict(image, points))
-        t_pred.append(t)
         left = np.array(points[0])
+        _, t = timed(lambda: predictor.predict(image, points))
+        t_pred.append(t)
         _, t = timed(lambda: predictor.correct(tuple(left), tuple(left + [3.0, 0.0])))
         t_corr.append(t)
-    print(f"DELSE {Path(args.config).name}: input {cfg.INPUT.DELSE.INPUT_SIZE}x{cfg.INPUT.DELSE.INPUT_SIZE}, "
-          f"ResNet-{cfg.MODEL.RESNETS.DEPTH}, T = {cfg.MODEL.DELSE.EVOLUTION_STEPS}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, {len(objects)} real COCO objects\n")
-    print("| call | median latency per object (ms) |\n|---|---|")
-    print(f"| predict (4 clicks) | {1000 * np.median(t_pred):.0f} |")
-    print(f"| correct (1 drag) | {1000 * np.median(t_corr):.0f} |")
+        predictor.predict(image, points)
+        _, t = timed(lambda: predictor.correct(tuple(left), tuple(left + [3.0, 0.0]), preview=True))
+        t_prev.append(t)
+    gflops, share = flops(predictor.model, cfg.INPUT.DELSE.INPUT_SIZE, args.device)
+    ms = lambda ts: f"{1000 * np.median(ts):.0f}"
+    print(f"| {width} | {ms(t_pred)} | {ms(t_corr)} | {ms(t_prev)} | {gflops:.1f} | {100 * share:.0f} % |")
+    print(f"<!-- {Path(args.config).name}: input {cfg.INPUT.DELSE.INPUT_SIZE}, ResNet-{cfg.MODEL.RESNETS.DEPTH}, "
+          f"T = {cfg.MODEL.DELSE.EVOLUTION_STEPS}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"median of {len(objects)} real COCO objects -->", flush=True)
 
 
 if __name__ == "__main__":
