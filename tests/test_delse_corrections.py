@@ -279,3 +279,24 @@ def test_preview_of_a_model_without_motion_editing_is_the_full_pass(monkeypatch)
     predictor.predict(image, points)
     preview = predictor.correct((22, 40), (16, 40), preview=True)
     np.testing.assert_allclose(preview.phi, full.phi, atol=1e-5)
+
+
+def test_interactive_split_is_by_image_deterministic_and_6_of_16():
+    from delse.datasets import interactive_split
+
+    records = [{"file_name": f"/x/img{i:03d}.png", "annotations": []} for i in range(160)]
+    base, held = interactive_split(records, "base"), interactive_split(records, "interactive")
+    assert len(held) == 60 and len(base) == 100
+    assert {r["file_name"] for r in base}.isdisjoint(r["file_name"] for r in held)
+    # Independent of the records' order.
+    assert {r["file_name"] for r in interactive_split(records[::-1], "interactive")} == {r["file_name"] for r in held}
+
+
+def test_pspnet_bin_width_is_in_over_bins():
+    model = _build(_cfg("MODEL.DELSE.PSP_BIN_WIDTH", "pspnet"))
+    psp = model.motion_branch
+    in_channels = psp.stages[0].in_channels
+    assert all(s.out_channels == in_channels // len(psp.bins) for s in psp.stages)
+    assert psp.fuse.in_channels == 2 * in_channels
+    default = _build(_cfg()).motion_branch
+    assert all(s.out_channels == default.fuse.out_channels for s in default.stages)  # PSP_CHANNELS per bin
