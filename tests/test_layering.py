@@ -23,8 +23,9 @@ ALLOWED = {
     "delse": {"levelset", "levelset_d2", "delse", "detectron2"},
 }
 OURS = set(PACKAGES) | {"detectron2"}
-# Tests of the entry points that serve both projects (train_net.py, demo.py) and of the layering itself.
-CROSS_PROJECT_TESTS = {"test_train_net.py", "test_demo.py", "test_layering.py"}
+# Tests of the entry points that serve both projects (train_net.py, demo.py), of the shared layer's
+# CUDA paths on both projects' models (test_gpu.py), and of the layering itself.
+CROSS_PROJECT_TESTS = {"test_train_net.py", "test_demo.py", "test_gpu.py", "test_layering.py"}
 
 
 def imported_packages(path: Path):
