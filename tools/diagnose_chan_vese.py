@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
+from torchvision.ops import roi_align
 
 import levelset
 import levelset_rcnn
@@ -60,7 +61,14 @@ VARIANTS = {
     # the defaults leave them out.
     "new (defaults: + grad_eps 0.1 + bounded phi)": ({}, {}, "half_pixel"),
     "new, no gradient clipping": ({}, {"SOLVER.CLIP_GRADIENTS.ENABLED": False}, "half_pixel"),
+    # Not in the paper: does full-resolution image evidence let the steps fix what a 28 x 28 phi_0
+    # cannot? The Chan-Vese features get the RoI's image crop at S x S (RoIAlign of the normalised
+    # input, standardised per RoI and channel) beside the head's embedding (upsampled from 14 x 14).
+    "new + image crop (raw)": ({}, {}, "half_pixel"),
+    "new + image crop (3x3 conv, 16 ch)": ({}, {}, "half_pixel"),
 }
+# Extra Chan-Vese feature channels of a variant: None, "raw" image crop, or "conv" (a trainable 3x3 conv of it).
+IMAGE_FEATURES = {"new + image crop (raw)": "raw", "new + image crop (3x3 conv, 16 ch)": "conv"}
 BAND_PX = 2.0  # boundary band: pixels within this distance (px of the S x S grid) of phi_0's zero level
 
 
@@ -102,7 +110,11 @@ def cache_image(model, record, input_format, max_rois, rng):
     S = head.evolution_resolution
     gt = BitMasks(torch.from_numpy(np.stack([gt_masks[int(b)] for b in best[keep]])))
     crops = gt.crop_and_resize(det.pred_boxes.tensor * scale, S)
-    return {"x": x, "phi0": phi0, "gt": crops.bool()}
+    # The box's image crop at S x S (boxes are in the network input's pixels), standardised per RoI.
+    img = roi_align(images.tensor, [det.pred_boxes.tensor], output_size=S, spatial_scale=1.0,
+                    sampling_ratio=2, aligned=True)
+    img = (img - img.mean((2, 3), keepdim=True)) / img.std((2, 3), keepdim=True).clamp_min(1e-3)
+    return {"x": x, "phi0": phi0, "gt": crops.bool(), "img": img}
 
 
 def build_cache(cfg, weights, dataset, num_images, max_rois, seed):
@@ -117,7 +129,7 @@ def build_cache(cfg, weights, dataset, num_images, max_rois, seed):
         if c is not None:
             parts["fit" if i % 2 == 0 else "held_out"].append(c)
     head = model.roi_heads.mask_head
-    return ({k: {f: torch.cat([c[f] for c in v]) for f in ("x", "phi0", "gt")} for k, v in parts.items()},
+    return ({k: {f: torch.cat([c[f] for c in v]) for f in ("x", "phi0", "gt", "img")} for k, v in parts.items()},
             head.upsample, head.truncation)
 
 
@@ -150,10 +162,30 @@ def iou(a, b):
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 
 
+class ImageFeatures(torch.nn.Module):
+    """Chan-Vese features = the head's embedding (R, C, S, S) and the RoI's image crop (R, 3, S, S),
+    raw or through a trainable 3x3 conv (16 channels, ReLU)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1) if mode == "conv" else None
+
+    def forward(self, outputs, img):
+        if self.mode is None:
+            return outputs
+        extra = img if self.conv is None else torch.relu(self.conv(img))
+        # The head's embedding is coarser (the core reads it as its bilinear upsampling): upsample it.
+        feats = torch.nn.functional.interpolate(outputs["chan_vese_features"], size=img.shape[-2:],
+                                                mode="bilinear", align_corners=False)
+        return dict(outputs, chan_vese_features=torch.cat([feats, extra], dim=1))
+
+
 def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch, seed):
     torch.manual_seed(seed)
     head = LevelSetMaskHead(cfg, ShapeSpec(channels=data["fit"]["x"].shape[1], height=14, width=14))
-    trainable = torch.nn.ModuleList([head.hyperparameter_head, head.chan_vese_features])
+    image_features = ImageFeatures(IMAGE_FEATURES.get(name))
+    trainable = torch.nn.ModuleList([head.hyperparameter_head, head.chan_vese_features, image_features])
     params = list(trainable.parameters())
     optim_cls = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
     optimizer = optim_cls(get_default_optimizer_params(trainable, base_lr=cfg.SOLVER.BASE_LR,
@@ -167,7 +199,7 @@ def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch
     losses, nonfinite = [], 0
     for it in range(iters):
         idx = torch.randint(len(fit["x"]), (batch,), generator=g)
-        out = head.layers(fit["x"][idx])
+        out = image_features(head.layers(fit["x"][idx]), fit["img"][idx])
         phi0 = upsample(fit["phi0"][idx])
         phin = head.evolve(phi0, out)
         loss = cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHIN * tsdf_loss(phin, fit_tsdf[idx], fit["gt"][idx], head.loss_eps)
@@ -179,20 +211,20 @@ def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch
         optimizer.step()
         losses.append(loss.item())
     train_s = time.perf_counter() - t0
-    return evaluate(name, head, data["held_out"], upsample, truncation, target_kind) | {
+    return evaluate(name, head, image_features, data["held_out"], upsample, truncation, target_kind) | {
         "train_s": train_s, "nonfinite_steps": nonfinite, "fit_loss_first": float(np.mean(losses[:10])) if losses else float("nan"),
         "fit_loss_last": float(np.mean(losses[-10:])) if losses else float("nan")}
 
 
 @torch.no_grad()
-def evaluate(name, head, held, upsample, truncation, target_kind, chunk=64):
+def evaluate(name, head, image_features, held, upsample, truncation, target_kind, chunk=64):
     head.eval()
     rows = {k: [] for k in ("d_iou", "iou0", "iouN", "flip", "flip_band", "l0", "lN")}
     hyper = []
     gt_tsdf = targets(held["gt"], truncation, target_kind)
     for s in range(0, len(held["x"]), chunk):
         sl = slice(s, s + chunk)
-        out = head.layers(held["x"][sl])
+        out = image_features(head.layers(held["x"][sl]), held["img"][sl])
         phi0 = upsample(held["phi0"][sl])
         phin = head.evolve(phi0, out)
         gt = held["gt"][sl]
