@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from _benchmarks import update_section
+from _benchmarks import score_delse_instances, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {  # --dataset -> (the two configs, [(train dataset, test dataset)] or None: the configs')
@@ -98,33 +98,13 @@ def evaluate(args, name, out_dir, noise=0.0, fold=None):
         (records, evaluator, seconds): the DELSEEvaluator's per-instance records, the evaluator
         (its tolerances and threshold grids summarise them) and the wall time.
     """
-    import numpy as np
     import torch
-
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.data import DatasetCatalog
-    from detectron2.modeling import build_model
-
-    from delse import DELSEDatasetMapper, DELSEEvaluator, flatten_instances
 
     torch.set_num_threads(args.threads)
     cfg = load_cfg(name, train_opts(args, name, out_dir) + fold_opts(fold) + ["INPUT.DELSE.EXTREME_POINT_NOISE", noise])
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(str(Path(out_dir) / "model_final.pth"))
-    model.eval()
-    dataset = cfg.DATASETS.TEST[0]
-    instances = flatten_instances(DatasetCatalog.get(dataset), cfg.INPUT.DELSE.MIN_AREA)
-    if 0 < args.eval_instances < len(instances):
-        keep = np.unique(np.linspace(0, len(instances) - 1, args.eval_instances).round().astype(int))
-        instances = [instances[i] for i in keep]
-    mapper = DELSEDatasetMapper(cfg, False)
-    evaluator = DELSEEvaluator(dataset, cfg, distributed=False)
     t0 = time.time()
-    with torch.no_grad():
-        for i in range(0, len(instances), 8):
-            inputs = [mapper(x) for x in instances[i: i + 8]]
-            evaluator.process(inputs, model(inputs))
-    return evaluator._records, evaluator, time.time() - t0
+    records, evaluator = score_delse_instances(cfg, Path(out_dir) / "model_final.pth", args.eval_instances)
+    return records, evaluator, time.time() - t0
 
 
 def summarize(records, evaluator, pixel_wise):

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _benchmarks import update_section
+from _benchmarks import score_delse_instances, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/DELSE"
@@ -86,36 +86,15 @@ def train(args, config, out_dir, iters, log_path, weights=None):
 def evaluate(args, config, out_dir, iters):
     """Summary of model_final.pth on the dev instances (all, or --eval-instances evenly spaced)
     after 0..K simulated corrections."""
-    import numpy as np
     import torch
-
-    from detectron2.data import DatasetCatalog
-    from detectron2.modeling import build_model
-
-    from delse import DELSEDatasetMapper, DELSEEvaluator, flatten_instances
-    from levelset_d2.checkpoint import SafeDetectionCheckpointer
 
     torch.set_num_threads(args.threads)
     cfg = load_cfg(config, run_opts(args, config, out_dir, iters) + ["MODEL.DELSE.TEST_NUM_CORRECTIONS", K,
                                                                       "MODEL.WEIGHTS", ""])
-    model = build_model(cfg)
-    SafeDetectionCheckpointer(model).load(str(Path(out_dir) / "model_final.pth"))
-    model.eval()
-    dataset = cfg.DATASETS.TEST[0]
-    instances = flatten_instances(DatasetCatalog.get(dataset), cfg.INPUT.DELSE.MIN_AREA)
-    if 0 < args.eval_instances < len(instances):
-        keep = np.unique(np.linspace(0, len(instances) - 1, args.eval_instances).round().astype(int))
-        instances = [instances[i] for i in keep]
-    mapper = DELSEDatasetMapper(cfg, False)
-    evaluator = DELSEEvaluator(dataset, cfg, distributed=False)
-    with torch.no_grad():
-        for i in range(0, len(instances), 8):
-            inputs = [mapper(x) for x in instances[i: i + 8]]
-            evaluator.process(inputs, model(inputs))
-    records = evaluator._records
+    records, evaluator = score_delse_instances(cfg, Path(out_dir) / "model_final.pth", args.eval_instances)
     res = dict(evaluator.summarize(records, evaluator.tolerances, evaluator.thresholds))
     res["num_instances"] = len(records)
-    res["dataset"] = dataset
+    res["dataset"] = cfg.DATASETS.TEST[0]
     return res
 
 
