@@ -1,5 +1,8 @@
-"""Shared by the benchmark scripts: score a DELSE model on evenly spaced test instances, and write a
-result table into its section of BENCHMARKS.md."""
+"""Shared by the benchmark scripts: run a training of train_net.py, score a DELSE model on evenly
+spaced test instances, and write a result table into its section of BENCHMARKS.md."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -54,3 +57,21 @@ def score_delse_instances(cfg, weights, num_instances=0):
             inputs = [mapper(x) for x in instances[i: i + 8]]
             evaluator.process(inputs, model(inputs))
     return evaluator._records, evaluator
+
+
+def run_train_net(config, opts, log_path, threads):
+    """Train with ``train_net.py --config-file config *opts`` (no test sets) in a subprocess with
+    ``threads`` BLAS/torch threads; the log goes to ``log_path``, progress and errors to stdout.
+    Raises SystemExit naming the log when the training fails."""
+    cmd = [sys.executable, "train_net.py", "--config-file", str(config), *map(str, opts), "DATASETS.TEST", "()"]
+    print("$", " ".join(cmd), flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=BENCHMARKS.parent, env=env)
+        for line in proc.stdout:
+            log.write(line)
+            if "eta:" in line or "Error" in line or "Traceback" in line:
+                print(line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"training failed ({proc.returncode}); see {log_path}")

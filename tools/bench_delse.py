@@ -26,12 +26,11 @@ BENCHMARKS.md between the markers of its section (bench_delse / bench_delse_coco
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _benchmarks import score_delse_instances, update_section
+from _benchmarks import run_train_net, score_delse_instances, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {  # --dataset -> (the two configs, [(train dataset, test dataset)] or None: the configs')
@@ -76,19 +75,7 @@ def fold_opts(fold):
 
 
 def train(args, name, out_dir, log_path, fold=None):
-    cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name],
-           *train_opts(args, name, out_dir), *fold_opts(fold), "DATASETS.TEST", "()"]
-    print("$", " ".join(str(c) for c in cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=REPO, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if "eta:" in line or "Error" in line or "Traceback" in line:
-                print(line.rstrip(), flush=True)
-        if proc.wait() != 0:
-            raise SystemExit(f"training failed ({proc.returncode}); see {log_path}")
+    run_train_net(CONFIGS[name], [*train_opts(args, name, out_dir), *fold_opts(fold)], log_path, args.threads)
 
 
 def evaluate(args, name, out_dir, noise=0.0, fold=None):

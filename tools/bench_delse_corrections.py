@@ -20,12 +20,11 @@ into BENCHMARKS.md between <!-- bench_delse_corrections:begin --> and <!-- ...:e
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _benchmarks import score_delse_instances, update_section
+from _benchmarks import run_train_net, score_delse_instances, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/DELSE"
@@ -69,18 +68,7 @@ def run_opts(args, config, out_dir, iters, weights=None):
 
 
 def train(args, config, out_dir, iters, log_path, weights=None):
-    cmd = [sys.executable, "train_net.py", "--config-file", str(config),
-           *run_opts(args, config, out_dir, iters, weights), "DATASETS.TEST", "()"]
-    print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if "eta:" in line or "Error" in line or "Traceback" in line:
-                print(line.rstrip(), flush=True)
-        if proc.wait() != 0:
-            raise SystemExit(f"training failed ({proc.returncode}); see {log_path}")
+    run_train_net(config, run_opts(args, config, out_dir, iters, weights), log_path, args.threads)
 
 
 def evaluate(args, config, out_dir, iters):
