@@ -142,8 +142,38 @@ class _UpsampledFeatures:
         return torch.einsum("yi,rij,xj->ryx", self.uy, low, self.ux).reshape(R, H * W)
 
 
-def _features(features, phi):
-    """Wrap (R, C, h, w) features for the evolution on phi's (R, 1, H, W) grid."""
+class _StackedFeatures:
+    """Several feature maps, each on phi's grid or coarser, read as their channel concatenation.
+
+    The data term is a sum over channels, so each part keeps its own fast path: a coarse
+    embedding stays on its coarse grid while, e.g., a 3-channel image crop is read at full resolution.
+    """
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.channels = [p.f.shape[1] for p in parts]
+        self.sq_norm = sum(p.sq_norm for p in parts)  # (R, P)
+        self.total = torch.cat([p.total for p in parts], dim=1)  # (R, sum C)
+
+    def weighted_sum(self, w):
+        return torch.cat([p.weighted_sum(w) for p in self.parts], dim=1)
+
+    def dot(self, v):
+        return sum(p.dot(u) for p, u in zip(self.parts, v.split(self.channels, dim=1)))
+
+
+def _as_list(features):
+    return list(features) if isinstance(features, (list, tuple)) else [features]
+
+
+def _features(features, phi, dtype):
+    """Wrap (R, C, h, w) features, or a list of them, for the evolution on phi's (R, 1, H, W) grid."""
+    parts = _as_list(features)
+    if not parts:
+        raise ValueError("features: give a (R, C, h, w) tensor or a non-empty list of them")
+    if len(parts) > 1:
+        return _StackedFeatures([_features(f, phi, dtype) for f in parts])
+    features = parts[0].to(dtype)
     R, _, H, W = phi.shape
     if features.dim() != 4 or features.shape[0] != R:
         raise ValueError(f"features must be (R, C, h, w) with R = {R}, got {tuple(features.shape)}")
@@ -192,7 +222,8 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
     Args:
         phi: (R, 1, H, W) initial level set phi_0, positive inside.
         features: (R, C, H, W) feature map F (the image intensities in classic Chan-Vese), or
-            (R, C, h, w) with h <= H, w <= W as described above.
+            (R, C, h, w) with h <= H, w <= W as described above, or a list of such maps (each on
+            its own grid), which stands for their concatenation along C.
         lambda1, lambda2, mu: float or (R,) tensor.
         eps, dt: float, a sequence of `steps` floats, (steps,) or (R, steps) tensor.
         steps: number of unrolled steps N.
@@ -207,11 +238,11 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
         (R, 1, H, W) phi_N in the working dtype (float32, or float64 for float64 inputs).
     """
     _check_phi(phi)
-    dtype = _working_dtype(phi, features)
+    dtype = _working_dtype(phi, *_as_list(features))
     with torch.autocast(device_type=phi.device.type, enabled=False):
         phi = phi.to(dtype)
         R, _, H, W = phi.shape
-        feats = _features(features.to(dtype), phi)
+        feats = _features(features, phi, dtype)
         l1 = _per_instance(lambda1, R, phi, "lambda1").view(R, 1)
         l2 = _per_instance(lambda2, R, phi, "lambda2").view(R, 1)
         mu_ = _per_instance(mu, R, phi, "mu")
@@ -237,17 +268,17 @@ def chan_vese_energy(phi, features, *, lambda1, lambda2, mu, eps):
     with Sobel gradients, integrals as sums over the grid.
 
     Args:
-        phi: (R, 1, H, W); features: (R, C, H, W) or coarser, as in :func:`chan_vese`;
+        phi: (R, 1, H, W); features: (R, C, H, W), coarser, or a list, as in :func:`chan_vese`;
         lambda1, lambda2, mu, eps: float or (R,) tensor.
     Returns:
         (R,) energy per instance.
     """
     _check_phi(phi)
-    dtype = _working_dtype(phi, features)
+    dtype = _working_dtype(phi, *_as_list(features))
     with torch.autocast(device_type=phi.device.type, enabled=False):
         phi = phi.to(dtype)
         R, _, H, W = phi.shape
-        feats = _features(features.to(dtype), phi)
+        feats = _features(features, phi, dtype)
         e = _per_instance(eps, R, phi, "eps")
         h = heaviside(phi, e).view(R, H * W)
         c1, c2 = _region_means(feats, h)

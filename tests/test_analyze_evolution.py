@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 
-def test_ious_match_the_predictor_and_summary_counts():
+# The image-crop option pools what LevelSetROIHeads passes the head; the tool must pool the same.
+@pytest.mark.parametrize("opts", [[], ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]],
+                         ids=["paper", "image_features"])
+def test_ious_match_the_predictor_and_summary_counts(opts):
     import analyze_evolution as ae
     import levelset_rcnn
     from detectron2.data import DatasetCatalog
@@ -22,6 +25,7 @@ def test_ious_match_the_predictor_and_summary_counts():
 
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(str(REPO / "configs/LevelSetRCNN/tiny_levelset_rcnn_synthetic.yaml"))
+    cfg.merge_from_list(opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     torch.manual_seed(0)

@@ -313,3 +313,29 @@ def test_coarse_features_equal_explicit_bilinear_upsampling():
     assert torch.autograd.gradcheck(cv, (p, f))
     with pytest.raises(ValueError, match="finer than phi"):
         levelset.chan_vese(phi, torch.randn(R, C, 80, 36), steps=1, **kw)
+
+
+def test_feature_lists_equal_their_channel_concatenation():
+    """A list of maps on different grids evolves exactly as their concatenation on phi's grid."""
+    torch.manual_seed(0)
+    R = 3
+    phi = torch.randn(R, 1, 32, 28, dtype=torch.float64) * 3
+    coarse = torch.randn(R, 5, 8, 7, dtype=torch.float64)
+    dense = torch.randn(R, 3, 32, 28, dtype=torch.float64)
+    up = torch.nn.functional.interpolate(coarse, size=(32, 28), mode="bilinear", align_corners=False)
+    kw = dict(lambda1=torch.rand(R, dtype=torch.float64) + 0.5, lambda2=1.2, mu=0.3, eps=2.0, dt=1.0)
+    a = levelset.chan_vese(phi, [coarse, dense], steps=3, grad_eps=0.1, **kw)
+    b = levelset.chan_vese(phi, torch.cat([up, dense], dim=1), steps=3, grad_eps=0.1, **kw)
+    assert a.dtype == torch.float64 and torch.allclose(a, b, atol=1e-12)
+    # The list must differ from either part alone (both parts are used).
+    assert not torch.allclose(a, levelset.chan_vese(phi, dense, steps=3, grad_eps=0.1, **kw), atol=1e-3)
+    ea = levelset.chan_vese_energy(phi, [coarse, dense], lambda1=1.0, lambda2=1.0, mu=0.3, eps=2.0)
+    eb = levelset.chan_vese_energy(phi, torch.cat([up, dense], 1), lambda1=1.0, lambda2=1.0, mu=0.3, eps=2.0)
+    assert torch.allclose(ea, eb, rtol=1e-12)
+    p = torch.randn(2, 1, 8, 10, dtype=torch.float64, requires_grad=True)
+    f1 = torch.randn(2, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    f2 = torch.randn(2, 3, 8, 10, dtype=torch.float64, requires_grad=True)
+    cv = lambda p, f1, f2: levelset.chan_vese(p, [f1, f2], lambda1=1.0, lambda2=0.8, mu=0.3, eps=0.5, dt=0.1, steps=2)
+    assert torch.autograd.gradcheck(cv, (p, f1, f2))
+    with pytest.raises(ValueError, match="non-empty list"):
+        levelset.chan_vese(phi, [], steps=1, **kw)

@@ -454,6 +454,7 @@ EXPECTED_HEADS = {
     "ablation_detach_phi0_R_50_FPN_cityscapes.yaml": "LevelSetMaskHead",
     "levelset_rcnn_R_18_FPN_GN_dsb2018.yaml": "LevelSetMaskHead",
     "ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml": "TSDFMaskRCNNHead",
+    "levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml": "LevelSetMaskHead",
 }
 
 

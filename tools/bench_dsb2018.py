@@ -8,6 +8,8 @@ Boundary AP, plus LevelSet R-CNN's initial phi_0 as a third row (like the paper'
     .venv/bin/python tools/bench_dsb2018.py --parallel             # about an hour on 2 CPU cores (600 iterations)
     .venv/bin/python tools/bench_dsb2018.py --iters 20000 --num-gpus 8 --size 512   # a GPU budget
     .venv/bin/python tools/bench_dsb2018.py --models "TSDF head alone"   # + the ablation row (~35 min)
+    .venv/bin/python tools/bench_dsb2018.py --parallel --models "LevelSet R-CNN + image crop" \
+        "LevelSet R-CNN + image crop, no clipping"   # IMAGE_FEATURES "raw", clipped and not (~1 h)
 
 Rows of models not trained in a run come from their earlier evaluation in the same output folder
 (eval*.json newer than the model), so the ablation can be added to a finished table.
@@ -37,15 +39,24 @@ CONFIGS = {
     "LevelSet R-CNN": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_18_FPN_GN_dsb2018.yaml",
     # Optional (--models): LevelSet R-CNN's TSDF head alone, with the TSDF loss weight phi_0 gets there.
     "TSDF head alone": REPO / "configs/LevelSetRCNN/ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
+    # Optional (--models), not in the paper: the RoI's image crop as 3 more Chan-Vese channels.
+    "LevelSet R-CNN + image crop": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+    "LevelSet R-CNN + image crop, no clipping": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
 }
+# Overrides of a model beside its config file (and the run's own).
+MODEL_OPTS = {"LevelSet R-CNN + image crop, no clipping": ("SOLVER.CLIP_GRADIENTS.ENABLED", "False")}
 DEFAULT_MODELS = ["Mask R-CNN", "LevelSet R-CNN"]
-ROWS = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone"]
+# Models whose phi_0 is evaluated too (a paired row: the same weights, INFERENCE_TSDF initial).
+WITH_PHI0 = ["LevelSet R-CNN", "LevelSet R-CNN + image crop", "LevelSet R-CNN + image crop, no clipping"]
+ROWS = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone",
+        "LevelSet R-CNN + image crop", "LevelSet R-CNN + image crop, initial φ0",
+        "LevelSet R-CNN + image crop, no clipping", "LevelSet R-CNN + image crop, no clipping, initial φ0"]
 
 
 def evaluations(name):
-    """(table row, config overrides) of each evaluation of a model: LevelSet R-CNN's phi_N, then its phi_0."""
-    if name == "LevelSet R-CNN":
-        return [(name, ()), ("LevelSet R-CNN, initial φ0", ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))]
+    """(table row, config overrides) of each evaluation of a model: its phi_N, then (LevelSet R-CNN) its phi_0."""
+    if name in WITH_PHI0:
+        return [(name, ()), (f"{name}, initial φ0", ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))]
     return [(name, ())]
 
 
@@ -120,7 +131,7 @@ def evaluate(args, name, out_dir, extra=(), threads=None):
     res_file = _eval_file(out_dir, extra)
     cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--eval-only",
            "--num-gpus", args.num_gpus, *train_opts(args, out_dir),
-           "MODEL.WEIGHTS", Path(out_dir) / "model_final.pth", *extra]
+           *MODEL_OPTS.get(name, ()), "MODEL.WEIGHTS", Path(out_dir) / "model_final.pth", *extra]
     run(cmd, Path(out_dir) / f"eval{len(extra)}.log", threads)
     # Detectron2 logs results as "copypaste: Task: segm" then the metric names and values.
     text = (Path(out_dir) / f"eval{len(extra)}.log").read_text()
@@ -148,15 +159,16 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
 
-    out_dirs = {name: os.path.join(args.output_dir, name.replace(" ", "_").lower()) for name in CONFIGS}
-    logs = {name: Path(args.output_dir) / f"{name.replace(' ', '_')}.train.log" for name in CONFIGS}
+    slug = lambda name: re.sub(r"[^\w-]+", "_", name)  # "LevelSet R-CNN" -> LevelSet_R-CNN, as before
+    out_dirs = {name: os.path.join(args.output_dir, slug(name).lower()) for name in CONFIGS}
+    logs = {name: Path(args.output_dir) / f"{slug(name)}.train.log" for name in CONFIGS}
     threads = 1 if args.parallel else None
     times, results = {}, {}
 
     def train(name):
         # DATASETS.TEST () : no evaluation at the end of training; evaluate() does it below.
         cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--num-gpus", args.num_gpus,
-               *train_opts(args, out_dirs[name]), "DATASETS.TEST", "()"]
+               *train_opts(args, out_dirs[name]), *MODEL_OPTS.get(name, ()), "DATASETS.TEST", "()"]
         t0 = time.time()
         run(cmd, logs[name], threads)
         times[name] = time.time() - t0

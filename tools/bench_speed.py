@@ -107,6 +107,7 @@ def measure(name, args):
 
     from detectron2.data import DatasetMapper
     from levelset_rcnn import mask_head as lsmh
+    from levelset_rcnn.roi_heads import with_image
 
     cfg, model, dataset, test_inputs = build(name, args)
     train_mapper = DatasetMapper(cfg, is_train=True)
@@ -151,8 +152,12 @@ def measure(name, args):
             num_dets.append(len(out[0]["instances"]))
         mask_time[:] = [0.0, 0]
         for x in test_inputs:  # the mask branch on exactly args.dets fixed boxes per image
-            out = model.inference([x], detected_instances=[fixed_detections(x, args.dets)])
-            assert len(out[0]["instances"]) == args.dets
+            # GeneralizedRCNN.inference(detected_instances=...) without its postprocessing, with the
+            # image beside the features (IMAGE_FEATURES "raw" pools crops of it; others ignore it).
+            images = model.preprocess_image([x])
+            features = with_image(model.backbone(images.tensor), images)
+            out = model.roi_heads.forward_with_given_boxes(features, [fixed_detections(x, args.dets)])
+            assert len(out[0]) == args.dets
     infer_ms = 1000 * float(np.median(times))
     per_roi_ms = 1000 * mask_time[0] / max(mask_time[1], 1)
 

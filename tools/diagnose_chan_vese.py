@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
-from torchvision.ops import roi_align
 
 import levelset
 import levelset_rcnn
@@ -41,7 +40,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, BoxMode, pairwise_iou
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
-from levelset_rcnn.mask_head import LevelSetMaskHead, select_class, tsdf_loss
+from levelset_rcnn.mask_head import LevelSetMaskHead, select_class, standardize_crops, tsdf_loss
+from levelset_rcnn.roi_heads import pool_image_crops
 
 # The parametrisation before EVOLUTION_UNITS & co. (session 3): normalised units, 2 * sigmoid
 # hyperparameters all starting at 1, GRAD_EPS 1e-3, raw features, unbounded phi_N.
@@ -64,11 +64,12 @@ VARIANTS = {
     # Not in the paper: does full-resolution image evidence let the steps fix what a 28 x 28 phi_0
     # cannot? The Chan-Vese features get the RoI's image crop at S x S (RoIAlign of the normalised
     # input, standardised per RoI and channel) beside the head's embedding (upsampled from 14 x 14).
-    "new + image crop (raw)": ({}, {}, "half_pixel"),
+    "new + image crop (raw)": ({"IMAGE_FEATURES": "raw"}, {"MODEL.ROI_HEADS.NAME": "LevelSetROIHeads"}, "half_pixel"),
     "new + image crop (3x3 conv, 16 ch)": ({}, {}, "half_pixel"),
 }
-# Extra Chan-Vese feature channels of a variant: None, "raw" image crop, or "conv" (a trainable 3x3 conv of it).
-IMAGE_FEATURES = {"new + image crop (raw)": "raw", "new + image crop (3x3 conv, 16 ch)": "conv"}
+# The raw crop is the head's own MODEL.LEVELSET.IMAGE_FEATURES "raw"; the conv variant exists only here:
+# a trainable 3x3 conv of the standardised crop (16 channels) concatenated to the upsampled embedding.
+CONV_IMAGE_FEATURES = {"new + image crop (3x3 conv, 16 ch)"}
 BAND_PX = 2.0  # boundary band: pixels within this distance (px of the S x S grid) of phi_0's zero level
 
 
@@ -110,10 +111,8 @@ def cache_image(model, record, input_format, max_rois, rng):
     S = head.evolution_resolution
     gt = BitMasks(torch.from_numpy(np.stack([gt_masks[int(b)] for b in best[keep]])))
     crops = gt.crop_and_resize(det.pred_boxes.tensor * scale, S)
-    # The box's image crop at S x S (boxes are in the network input's pixels), standardised per RoI.
-    img = roi_align(images.tensor, [det.pred_boxes.tensor], output_size=S, spatial_scale=1.0,
-                    sampling_ratio=2, aligned=True)
-    img = (img - img.mean((2, 3), keepdim=True)) / img.std((2, 3), keepdim=True).clamp_min(1e-3)
+    # The box's crop of the normalised input at S x S, as LevelSetROIHeads pools it.
+    img = pool_image_crops(images.tensor, [det.pred_boxes], S)
     return {"x": x, "phi0": phi0, "gt": crops.bool(), "img": img}
 
 
@@ -162,29 +161,33 @@ def iou(a, b):
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
 
 
-class ImageFeatures(torch.nn.Module):
-    """Chan-Vese features = the head's embedding (R, C, S, S) and the RoI's image crop (R, 3, S, S),
-    raw or through a trainable 3x3 conv (16 channels, ReLU)."""
+class ConvImageFeatures(torch.nn.Module):
+    """Chan-Vese features = the head's embedding (R, C, S, S) and a trainable 3x3 conv (16 channels,
+    ReLU) of the RoI's standardised image crop (R, 3, S, S)."""
 
-    def __init__(self, mode):
+    def __init__(self, enabled):
         super().__init__()
-        self.mode = mode
-        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1) if mode == "conv" else None
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1) if enabled else None
 
     def forward(self, outputs, img):
-        if self.mode is None:
+        if self.conv is None:
             return outputs
-        extra = img if self.conv is None else torch.relu(self.conv(img))
+        extra = torch.relu(self.conv(standardize_crops(img)))
         # The head's embedding is coarser (the core reads it as its bilinear upsampling): upsample it.
         feats = torch.nn.functional.interpolate(outputs["chan_vese_features"], size=img.shape[-2:],
                                                 mode="bilinear", align_corners=False)
         return dict(outputs, chan_vese_features=torch.cat([feats, extra], dim=1))
 
 
+def _layers(head, x, img):
+    """The head's outputs, with the image crops when its IMAGE_FEATURES asks for them."""
+    return head.layers(x, img) if head.image_crop_resolution else head.layers(x)
+
+
 def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch, seed):
     torch.manual_seed(seed)
     head = LevelSetMaskHead(cfg, ShapeSpec(channels=data["fit"]["x"].shape[1], height=14, width=14))
-    image_features = ImageFeatures(IMAGE_FEATURES.get(name))
+    image_features = ConvImageFeatures(name in CONV_IMAGE_FEATURES)
     trainable = torch.nn.ModuleList([head.hyperparameter_head, head.chan_vese_features, image_features])
     params = list(trainable.parameters())
     optim_cls = maybe_add_gradient_clipping(cfg, torch.optim.SGD)
@@ -199,7 +202,7 @@ def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch
     losses, nonfinite = [], 0
     for it in range(iters):
         idx = torch.randint(len(fit["x"]), (batch,), generator=g)
-        out = image_features(head.layers(fit["x"][idx]), fit["img"][idx])
+        out = image_features(_layers(head, fit["x"][idx], fit["img"][idx]), fit["img"][idx])
         phi0 = upsample(fit["phi0"][idx])
         phin = head.evolve(phi0, out)
         loss = cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHIN * tsdf_loss(phin, fit_tsdf[idx], fit["gt"][idx], head.loss_eps)
@@ -224,7 +227,7 @@ def evaluate(name, head, image_features, held, upsample, truncation, target_kind
     gt_tsdf = targets(held["gt"], truncation, target_kind)
     for s in range(0, len(held["x"]), chunk):
         sl = slice(s, s + chunk)
-        out = image_features(head.layers(held["x"][sl]), held["img"][sl])
+        out = image_features(_layers(head, held["x"][sl], held["img"][sl]), held["img"][sl])
         phi0 = upsample(held["phi0"][sl])
         phin = head.evolve(phi0, out)
         gt = held["gt"][sl]

@@ -39,6 +39,7 @@ def levelset_rcnn_detections(model, image, score_thresh=0.0):
         (4,) factors taking XYXY boxes from the resized input to the image.
     """
     from levelset_rcnn.mask_head import select_class, split_hyperparameters
+    from levelset_rcnn.roi_heads import pool_image_crops
 
     model.eval()
     h, w = image.shape[:2]
@@ -51,7 +52,10 @@ def levelset_rcnn_detections(model, image, score_thresh=0.0):
     heads = model.roi_heads
     head = heads.mask_head
     x = heads.mask_pooler([features[f] for f in heads.mask_in_features], [det.pred_boxes])
-    out = head.layers(x)
+    if head.image_crop_resolution:  # IMAGE_FEATURES "raw": the crops LevelSetROIHeads would pass
+        out = head.layers(x, pool_image_crops(images.tensor, [det.pred_boxes], head.image_crop_resolution))
+    else:
+        out = head.layers(x)
     phi0 = head.upsample(select_class(out["initial_tsdf"], det.pred_classes))
     hyper = split_hyperparameters(out["hyperparameters"], head.num_steps)
     phis = head.evolve(phi0, out, return_all=True)

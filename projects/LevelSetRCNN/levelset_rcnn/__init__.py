@@ -1,5 +1,6 @@
 """LevelSet R-CNN (Homayounfar et al., ECCV 2020) for Detectron2. ``import levelset_rcnn`` registers
-the mask heads (``LevelSetMaskHead``, the Mask R-CNN baselines and Table 3's ``DELSEMaskHead``), the
+the mask heads (``LevelSetMaskHead``, the Mask R-CNN baselines and Table 3's ``DELSEMaskHead``),
+``LevelSetROIHeads`` (which can pass the mask head image crops), the
 backbones, the config keys (``MODEL.LEVELSET``, ``MODEL.WRN``) and the COCO evaluator with polygons,
 so that configs resolve. Built on the core ``levelset`` and the shared layer ``levelset_d2``."""
 from functools import partial
@@ -13,6 +14,7 @@ from .delse_mask_head import DELSEMaskHead
 from .evaluation import LevelSetCOCOEvaluator
 from .mask_head import HighResMaskRCNNHead, LevelSetMaskHead, TSDFMaskRCNNHead
 from .postprocessing import add_polygons, tsdf_to_polygons
+from .roi_heads import LevelSetROIHeads
 
 from . import backbone as _backbone  # noqa: F401  (only registration)
 
@@ -29,6 +31,7 @@ __all__ = [
     "TSDFMaskRCNNHead",
     "HighResMaskRCNNHead",
     "DELSEMaskHead",
+    "LevelSetROIHeads",
     "add_polygons",
     "tsdf_to_polygons",
     "LevelSetCOCOEvaluator",

@@ -71,6 +71,14 @@ def add_levelset_rcnn_config(cfg):
     # unbounded, the steepening a step causes away from the zero level is punished by the L1 term
     # even when the mask improves.
     cfg.MODEL.LEVELSET.BOUND_PHI = True
+    # Extra Chan-Vese channels beside the embedding (not in the paper). "none": the paper's
+    # F(r_m) only, computed from the 14 x 14 pooled features, so the steps see nothing finer than
+    # phi_0 does. "raw": also the RoI's crop of the normalised input image at EVOLUTION_RESOLUTION
+    # (3 channels, zero mean and unit std per RoI and channel), so the steps can pull the contour to
+    # image edges phi_0's 28 x 28 head cannot resolve. Needs MODEL.ROI_HEADS.NAME: LevelSetROIHeads
+    # (which pools the crops). On the frozen-phi_0 diagnostic (BENCHMARKS.md section 2b) it raised the
+    # steps' mean IoU gain ~10x; the cost is 3 channels read at 112 x 112 per step.
+    cfg.MODEL.LEVELSET.IMAGE_FEATURES = "none"
     # Stop the phi_N loss gradient at phi_0 (Table 4 ablation "Detach phi_0").
     cfg.MODEL.LEVELSET.DETACH_PHI0 = False
     # One class-agnostic phi_0 instead of one per class (like ROI_MASK_HEAD.CLS_AGNOSTIC_MASK).

@@ -38,6 +38,9 @@ __all__ = [
 
 # Probabilities are clamped to [_BCE_MIN_PROB, 1] inside the logs of the BCE.
 _BCE_MIN_PROB = 1e-6
+# Per-RoI standard deviations of an image crop below this (normalised pixel units, ~0.06 grey
+# levels at Detectron2's PIXEL_STD) count as this: a flat crop is not amplified into noise.
+_CROP_MIN_STD = 1e-3
 
 
 def tsdf_targets(
@@ -97,6 +100,16 @@ def tsdf_loss(
     """
     phi = phi[:, 0].float()
     return F.l1_loss(phi, gt_tsdf.float()) + soft_heaviside_bce(phi, gt_masks, eps)
+
+
+def standardize_crops(crops: torch.Tensor) -> torch.Tensor:
+    """
+    (R, 3, S, S) image crops -> zero mean, unit standard deviation per RoI and channel, so that the
+    image's Chan-Vese data term has the same scale whatever the RoI's brightness and contrast.
+    """
+    mean = crops.mean(dim=(2, 3), keepdim=True)
+    std = crops.std(dim=(2, 3), keepdim=True).clamp_min(_CROP_MIN_STD)
+    return (crops - mean) / std
 
 
 def select_class(predictions: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -293,6 +306,9 @@ class TSDFMaskRCNNHead(nn.Module):
     also the phi_0 part of :class:`LevelSetMaskHead`.
     """
 
+    # Side of the image crops the ROI heads must pass to forward (0: none; LevelSetROIHeads reads it).
+    image_crop_resolution = 0
+
     @configurable
     def __init__(
         self,
@@ -380,14 +396,19 @@ class TSDFMaskRCNNHead(nn.Module):
         field = "gt_classes" if training else "pred_classes"
         return cat([getattr(i, field) for i in instances], dim=0).to(torch.int64)
 
-    def forward(self, x: torch.Tensor, instances: List[Instances]):
+    def forward(self, x: torch.Tensor, instances: List[Instances], image_crops: torch.Tensor = None):
         """
         Args:
             x: (R, C_in, h, w) RoI features of the foreground proposals (training) or detections.
+            image_crops: (R, 3, S, S) the RoIs' crops of the normalised input image, for heads with
+                ``image_crop_resolution = S`` (passed by :class:`LevelSetROIHeads`); else None.
         Returns:
             dict of losses in training; else ``instances`` with ``pred_masks`` (and ``pred_tsdf``).
         """
-        outputs = self.layers(x)
+        if self.image_crop_resolution and image_crops is None:
+            raise ValueError(f"{type(self).__name__} with MODEL.LEVELSET.IMAGE_FEATURES needs the RoIs' image "
+                             "crops: set MODEL.ROI_HEADS.NAME: LevelSetROIHeads")
+        outputs = self.layers(x) if image_crops is None else self.layers(x, image_crops)
         classes = self._classes(instances, self.training)
         phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
         phi_n = self.evolve(phi0, outputs)
@@ -453,6 +474,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         grad_eps: float = 0.1,
         normalize_features: bool = False,
         bound_phi: bool = True,
+        image_features: str = "none",
         **kwargs,
     ):
         """
@@ -474,6 +496,8 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             normalize_features: the Chan-Vese features have unit L2 norm per pixel.
             bound_phi: clamp every iterate to phi_0's range (+-truncation in pixels, +-1 normalised),
                 the range of the targets.
+            image_features: "none" (the paper) or "raw": the RoI's image crop at S x S,
+                standardised per RoI and channel, joins the embedding as 3 more Chan-Vese channels.
             kwargs: arguments of :class:`TSDFMaskRCNNHead`.
         """
         super().__init__(input_shape, **kwargs)
@@ -507,6 +531,9 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         self.grad_eps = grad_eps
         self.normalize_features = normalize_features
         self.bound_phi = bound_phi
+        if image_features not in ("none", "raw"):
+            raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES must be 'none' or 'raw', got {image_features!r}")
+        self.image_crop_resolution = self.evolution_resolution if image_features == "raw" else 0
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -515,9 +542,12 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         if ls.NUM_STEPS < 1:
             raise ValueError(f"MODEL.LEVELSET.NUM_STEPS must be >= 1 (unrolled Chan-Vese steps), got {ls.NUM_STEPS}")
         for key, allowed in (("HYPERPARAM_MODE", ("adaptive", "global")), ("INFERENCE_TSDF", ("final", "initial")),
-                             ("EVOLUTION_UNITS", ("pixels", "normalized"))):
+                             ("EVOLUTION_UNITS", ("pixels", "normalized")), ("IMAGE_FEATURES", ("none", "raw"))):
             if ls[key] not in allowed:
                 raise ValueError(f"MODEL.LEVELSET.{key} must be one of {allowed}, got {ls[key]!r}")
+        if ls.IMAGE_FEATURES != "none" and not _passes_image_crops(cfg.MODEL.ROI_HEADS.NAME):
+            raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES {ls.IMAGE_FEATURES!r} needs MODEL.ROI_HEADS.NAME: "
+                             f"LevelSetROIHeads (which passes the image crops), got {cfg.MODEL.ROI_HEADS.NAME!r}")
         conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
         ret.update(
             num_steps=ls.NUM_STEPS,
@@ -535,27 +565,40 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             grad_eps=ls.GRAD_EPS,
             normalize_features=ls.NORMALIZE_FEATURES,
             bound_phi=ls.BOUND_PHI,
+            image_features=ls.IMAGE_FEATURES,
         )
         return ret
 
-    def layers(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def layers(self, x: torch.Tensor, image_crops: torch.Tensor = None) -> Dict[str, torch.Tensor]:
         """
+        Args:
+            x: (R, C_in, h, w) pooled RoI features.
+            image_crops: (R, 3, S, S) RoI crops of the normalised input, with IMAGE_FEATURES "raw".
         Returns:
             initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1] (upsampled to S after selection),
             hyperparameters: (R, 2N + 3) = lambda1, lambda2, mu, eps_1..N, dt_1..N, all positive,
                 eps in the evolution's units (pixels of the S x S grid by default),
             chan_vese_features: (R, C, 2h, 2w), standing for its bilinear upsampling to S x S
                 (``levelset.chan_vese`` evolves on that upsampling exactly, without building it);
-                unit L2 norm per pixel with ``normalize_features``.
+                unit L2 norm per pixel with ``normalize_features``;
+            image_features (with image crops): (R, 3, S, S) standardised crops, further Chan-Vese
+                channels on the full S x S grid.
         """
         features = self.chan_vese_features(x)
         if self.normalize_features:
             features = F.normalize(features, dim=1, eps=1e-6)
-        return {
+        outputs = {
             "initial_tsdf": self.initial_tsdf(x),
             "hyperparameters": self.hyperparameter_head(x),
             "chan_vese_features": features,
         }
+        if self.image_crop_resolution:
+            if image_crops is None or image_crops.shape[1:] != (3, self.image_crop_resolution, self.image_crop_resolution):
+                got = None if image_crops is None else tuple(image_crops.shape)
+                raise ValueError(f"IMAGE_FEATURES 'raw' needs (R, 3, {self.image_crop_resolution}, "
+                                 f"{self.image_crop_resolution}) image crops, got {got}")
+            outputs["image_features"] = standardize_crops(image_crops.float())
+        return outputs
 
     def evolve(self, phi0: torch.Tensor, outputs: Dict[str, torch.Tensor], return_all: bool = False):
         """
@@ -565,9 +608,12 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         if (not self.training and self.inference_tsdf == "initial") or phi0.shape[0] == 0:
             return [phi0] * (self.num_steps + 1) if return_all else phi0
         scale = self.evolution_scale
+        features = outputs["chan_vese_features"]
+        if "image_features" in outputs:  # coarse embedding + full-resolution image, one data term
+            features = [features, outputs["image_features"]]
         phis = levelset.chan_vese(
             (phi0.detach() if self.detach_phi0 else phi0) * scale,
-            outputs["chan_vese_features"],
+            features,
             steps=self.num_steps,
             grad_eps=self.grad_eps,
             phi_bound=scale if self.bound_phi else None,
@@ -580,6 +626,14 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         terms = super().loss_terms(phi0, phi_n)
         terms["loss_tsdf_final"] = (phi_n, self.loss_weight_phin)
         return terms
+
+
+def _passes_image_crops(roi_heads_name: str) -> bool:
+    from detectron2.modeling import ROI_HEADS_REGISTRY
+
+    from .roi_heads import LevelSetROIHeads
+
+    return issubclass(ROI_HEADS_REGISTRY.get(roi_heads_name), LevelSetROIHeads)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()

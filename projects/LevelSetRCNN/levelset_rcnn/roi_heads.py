@@ -1,0 +1,76 @@
+"""ROI heads that also give the mask head each RoI's crop of the input image.
+
+Detectron2's ``StandardROIHeads`` passes the mask head only the pooled FPN features (14 x 14 per
+RoI). ``LevelSetMaskHead`` with ``MODEL.LEVELSET.IMAGE_FEATURES: "raw"`` also evolves on the RoI's
+image at ``EVOLUTION_RESOLUTION`` (not in the paper; BENCHMARKS.md section 2b): this subclass pools
+that crop from the normalised input (``images.tensor``) with the same boxes as the mask pooler.
+With any other mask head it behaves exactly as ``StandardROIHeads`` (same parameters, same
+checkpoints).
+"""
+from typing import Dict, List
+
+import torch
+from torchvision.ops import roi_align
+
+from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
+from detectron2.structures import Boxes, ImageList, Instances
+
+__all__ = ["LevelSetROIHeads", "pool_image_crops", "with_image"]
+
+# Key under which the normalised input image rides along with the FPN features.
+IMAGE_KEY = "_levelset_image"
+
+
+def with_image(features: Dict[str, torch.Tensor], images: ImageList) -> Dict[str, torch.Tensor]:
+    """
+    The backbone's features plus the normalised input, for calling
+    ``roi_heads.forward_with_given_boxes(with_image(features, images), instances)`` yourself
+    (Detectron2's ``GeneralizedRCNN.inference(detected_instances=...)`` passes no image). Other ROI
+    heads ignore the extra key.
+    """
+    return dict(features, **{IMAGE_KEY: images.tensor})
+
+
+def pool_image_crops(images: torch.Tensor, boxes: List[Boxes], resolution: int) -> torch.Tensor:
+    """
+    RoIAlign of the network's input image at ``resolution`` x ``resolution`` per box.
+
+    Args:
+        images: (N, 3, H, W) normalised input (``ImageList.tensor``: (pixel - PIXEL_MEAN) / PIXEL_STD).
+        boxes: per image, XYXY boxes in the input's pixels.
+        resolution: side of the crop (the evolution grid, 112).
+    Returns:
+        (R, 3, resolution, resolution) crops, RoIs of all images concatenated (the mask pooler's order).
+    """
+    return roi_align(images, [b.tensor for b in boxes], output_size=resolution, spatial_scale=1.0,
+                     sampling_ratio=2, aligned=True)
+
+
+@ROI_HEADS_REGISTRY.register()
+class LevelSetROIHeads(StandardROIHeads):
+    """``StandardROIHeads`` whose mask branch also receives the RoIs' image crops when the mask head
+    asks for them (``mask_head.image_crop_resolution > 0``)."""
+
+    def _wants_image(self) -> bool:
+        return self.mask_on and getattr(self.mask_head, "image_crop_resolution", 0) > 0
+
+    def forward(self, images: ImageList, features: Dict[str, torch.Tensor], proposals, targets=None):
+        if self._wants_image():
+            features = with_image(features, images)
+        return super().forward(images, features, proposals, targets)
+
+    def _forward_mask(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
+        if not self._wants_image():
+            return super()._forward_mask(features, instances)
+        if IMAGE_KEY not in features:
+            raise ValueError(
+                "MODEL.LEVELSET.IMAGE_FEATURES needs the input image: call roi_heads(images, features, ...) or "
+                "forward_with_given_boxes(levelset_rcnn.roi_heads.with_image(features, images), ...); "
+                "GeneralizedRCNN.inference(detected_instances=...) passes no image")
+        if self.training:
+            instances, _ = select_foreground_proposals(instances, self.num_classes)
+        boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
+        x = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
+        crops = pool_image_crops(features[IMAGE_KEY], boxes, self.mask_head.image_crop_resolution)
+        return self.mask_head(x, instances, image_crops=crops)
