@@ -116,7 +116,7 @@ def test_roi_heads_pass_the_crops_of_the_normalised_input(coco_sample_dir):
     (x, instances), kwargs = seen[-1]
     boxes = instances[0].pred_boxes.tensor
     assert len(boxes) > 0 and x.shape[0] == len(boxes)
-    expected = roi_align(normalised, [boxes], output_size=S, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    expected = roi_align(normalised, [boxes], output_size=S, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     assert torch.allclose(kwargs["image_crops"], expected, atol=1e-5)
     assert out["instances"].pred_masks.shape[1:] == (160, 224)
     # The same through forward_with_given_boxes, with the image put beside the features by hand.
@@ -140,7 +140,7 @@ def test_roi_heads_pass_the_crops_of_the_normalised_input(coco_sample_dir):
     boxes = instances[0].proposal_boxes.tensor
     assert x.shape[0] == len(boxes) == kwargs["image_crops"].shape[0] > 0
     assert (instances[0].gt_classes == 3).all()  # foreground proposals only, as the mask pooler's
-    expected = roi_align(normalised, [boxes], output_size=S, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    expected = roi_align(normalised, [boxes], output_size=S, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     assert torch.allclose(kwargs["image_crops"], expected, atol=1e-5)
     assert torch.isfinite(losses["loss_tsdf_final"]) and losses["loss_tsdf_final"] > 0
     losses["loss_tsdf_final"].backward()

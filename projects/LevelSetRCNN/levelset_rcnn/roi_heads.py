@@ -20,6 +20,12 @@ __all__ = ["LevelSetROIHeads", "pool_image_crops", "with_image"]
 
 # Key under which the normalised input image rides along with the FPN features.
 IMAGE_KEY = "_levelset_image"
+# RoIAlign samples per bin and axis for the image crops. 1: one bilinear sample at each bin centre,
+# i.e. the crop resampled bilinearly to S x S, as the embedding is upsampled. Exact for boxes up to S
+# px (DSB2018's nuclei: 5-40 px); larger boxes are point-sampled (no anti-aliasing). 2 (the mask
+# pooler's) costs 4x as much: 0.63 vs ~0.16 ms per RoI on 2 CPU threads, the largest part of the
+# option's cost (BENCHMARKS.md section 3).
+CROP_SAMPLING_RATIO = 1
 
 
 def with_image(features: Dict[str, torch.Tensor], images: ImageList) -> Dict[str, torch.Tensor]:
@@ -34,7 +40,8 @@ def with_image(features: Dict[str, torch.Tensor], images: ImageList) -> Dict[str
 
 def pool_image_crops(images: torch.Tensor, boxes: List[Boxes], resolution: int) -> torch.Tensor:
     """
-    RoIAlign of the network's input image at ``resolution`` x ``resolution`` per box.
+    RoIAlign of the network's input image at ``resolution`` x ``resolution`` per box, one sample
+    per bin (:data:`CROP_SAMPLING_RATIO`).
 
     Args:
         images: (N, 3, H, W) normalised input (``ImageList.tensor``: (pixel - PIXEL_MEAN) / PIXEL_STD).
@@ -44,7 +51,7 @@ def pool_image_crops(images: torch.Tensor, boxes: List[Boxes], resolution: int) 
         (R, 3, resolution, resolution) crops, RoIs of all images concatenated (the mask pooler's order).
     """
     return roi_align(images, [b.tensor for b in boxes], output_size=resolution, spatial_scale=1.0,
-                     sampling_ratio=2, aligned=True)
+                     sampling_ratio=CROP_SAMPLING_RATIO, aligned=True)
 
 
 @ROI_HEADS_REGISTRY.register()

@@ -1,0 +1,83 @@
+"""Mask heads alone, in one process, alternating: Mask R-CNN's, LevelSet R-CNN's (paper features) and
+LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES "raw" (crops pooled from the image included).
+
+    .venv/bin/python tools/bench_mask_heads.py [--rois 50] [--rounds 15] [--threads 2]
+
+Random weights and inputs (R-50 COCO configs: 256 x 14 x 14 pooled features, 80 classes, boxes of
+5-35 % of an 800 x 1216 image). Alternating the heads round by round keeps machine drift out of the
+ratios, which the per-process timings of tools/bench_speed.py cannot (BENCHMARKS.md section 3).
+"""
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import levelset_rcnn
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads.mask_head import build_mask_head
+from detectron2.structures import Boxes, Instances
+from levelset_rcnn.roi_heads import pool_image_crops
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LevelSetRCNN"
+HEADS = {
+    "Mask R-CNN": ("mask_rcnn_R_50_FPN_1x_coco.yaml", []),
+    "LevelSet R-CNN": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", []),
+    "+ image crop": ("levelset_rcnn_R_50_FPN_1x_coco.yaml",
+                     ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]),
+}
+
+
+def build(name):
+    file, opts = HEADS[name]
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(CONFIGS / file))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return build_mask_head(cfg, ShapeSpec(channels=256, height=14, width=14)).eval()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rois", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    heads = {name: build(name) for name in HEADS}
+    R, (H, W) = args.rois, (800, 1216)
+    x, image = torch.randn(R, 256, 14, 14), torch.randn(1, 3, H, W)
+    g = torch.Generator().manual_seed(0)
+    wh = (torch.rand(R, 2, generator=g) * 0.3 + 0.05) * torch.tensor([W, H])
+    xy = torch.rand(R, 2, generator=g) * (torch.tensor([W, H]) - wh)
+    boxes = Boxes(torch.cat([xy, xy + wh], 1))
+    classes = torch.randint(0, 80, (R,), generator=g)
+
+    def run(name):
+        inst = Instances((H, W), pred_boxes=boxes, pred_classes=classes)
+        head = heads[name]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if getattr(head, "image_crop_resolution", 0):
+                head(x, [inst], image_crops=pool_image_crops(image, [boxes], head.image_crop_resolution))
+            else:
+                head(x, [inst])
+        return time.perf_counter() - t0
+
+    for name in heads:  # warm-up
+        run(name)
+    times = {name: [] for name in heads}
+    for _ in range(args.rounds):
+        for name in heads:
+            times[name].append(run(name))
+    ms = {name: 1000 * float(np.median(t)) / R for name, t in times.items()}
+    print(f"{R} RoIs, {args.rounds} rounds, {args.threads} threads; median ms per RoI:")
+    for name, v in ms.items():
+        print(f"  {name}: {v:.2f}")
+    a, b, c = ms["Mask R-CNN"], ms["LevelSet R-CNN"], ms["+ image crop"]
+    print(f"image / paper {c / b:.2f}x, paper / Mask R-CNN {b / a:.2f}x, image / Mask R-CNN {c / a:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
