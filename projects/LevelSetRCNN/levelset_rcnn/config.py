@@ -78,9 +78,9 @@ def add_levelset_rcnn_config(cfg):
     # image edges phi_0's 28 x 28 head cannot resolve. Needs MODEL.ROI_HEADS.NAME: LevelSetROIHeads
     # (which pools the crops). Default "none": the paper's model. Measured on DSB2018 (BENCHMARKS.md
     # sections 2, 2b, 3): on a frozen phi_0 the steps gain +0.011 IoU over 3 seeds vs -0.002 without;
-    # trained from scratch, phi_N beats the same model's phi_0 by +3.8 mask AP / +4.7 AP75 / +4.2
-    # Boundary AP (0.0 / -0.4 / +0.1 without), but phi_N's mask AP ties the paper-feature model's (40.9
-    # vs 40.8; AF1 86.2 vs 83.1, box AP 35.2 vs 37.2), and the mask head costs ~1.15-1.2x as much.
+    # trained from scratch (2 seeds), phi_N beats the same model's phi_0 by +3.8 mask AP / +4.7-5.7 AP75 /
+    # +4.2 Boundary AP (0.0 / -0.4 / +0.1 without), but phi_N's mask AP is about the paper-feature model's
+    # (40.9 / 41.6 vs 40.8; AF1 86.2 vs 83.1, box AP 35.2 / 36.0 vs 37.2); the mask head costs ~1.15-1.2x.
     cfg.MODEL.LEVELSET.IMAGE_FEATURES = "none"
     # Stop the phi_N loss gradient at phi_0 (Table 4 ablation "Detach phi_0").
     cfg.MODEL.LEVELSET.DETACH_PHI0 = False
