@@ -179,11 +179,6 @@ class ConvImageFeatures(torch.nn.Module):
         return dict(outputs, chan_vese_features=torch.cat([feats, extra], dim=1))
 
 
-def _layers(head, x, img):
-    """The head's outputs, with the image crops when its IMAGE_FEATURES asks for them."""
-    return head.layers(x, img) if head.image_crop_resolution else head.layers(x)
-
-
 def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch, seed):
     torch.manual_seed(seed)
     head = LevelSetMaskHead(cfg, ShapeSpec(channels=data["fit"]["x"].shape[1], height=14, width=14))
@@ -202,7 +197,7 @@ def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch
     losses, nonfinite = [], 0
     for it in range(iters):
         idx = torch.randint(len(fit["x"]), (batch,), generator=g)
-        out = image_features(_layers(head, fit["x"][idx], fit["img"][idx]), fit["img"][idx])
+        out = image_features(head.layers(fit["x"][idx], fit["img"][idx]), fit["img"][idx])
         phi0 = upsample(fit["phi0"][idx])
         phin = head.evolve(phi0, out)
         loss = cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHIN * tsdf_loss(phin, fit_tsdf[idx], fit["gt"][idx], head.loss_eps)
@@ -227,7 +222,7 @@ def evaluate(name, head, image_features, held, upsample, truncation, target_kind
     gt_tsdf = targets(held["gt"], truncation, target_kind)
     for s in range(0, len(held["x"]), chunk):
         sl = slice(s, s + chunk)
-        out = image_features(_layers(head, held["x"][sl], held["img"][sl]), held["img"][sl])
+        out = image_features(head.layers(held["x"][sl], held["img"][sl]), held["img"][sl])
         phi0 = upsample(held["phi0"][sl])
         phin = head.evolve(phi0, out)
         gt = held["gt"][sl]

@@ -52,10 +52,9 @@ def levelset_rcnn_detections(model, image, score_thresh=0.0):
     heads = model.roi_heads
     head = heads.mask_head
     x = heads.mask_pooler([features[f] for f in heads.mask_in_features], [det.pred_boxes])
-    if head.image_crop_resolution:  # IMAGE_FEATURES "raw": the crops LevelSetROIHeads would pass
-        out = head.layers(x, pool_image_crops(images.tensor, [det.pred_boxes], head.image_crop_resolution))
-    else:
-        out = head.layers(x)
+    # IMAGE_FEATURES "raw": the crops LevelSetROIHeads would pass (None otherwise).
+    crops = pool_image_crops(images.tensor, [det.pred_boxes], head.image_crop_resolution) if head.image_crop_resolution else None
+    out = head.layers(x, crops)
     phi0 = head.upsample(select_class(out["initial_tsdf"], det.pred_classes))
     hyper = split_hyperparameters(out["hyperparameters"], head.num_steps)
     phis = head.evolve(phi0, out, return_all=True)

@@ -18,8 +18,11 @@ from detectron2.modeling.roi_heads.mask_head import (
     ROI_MASK_HEAD_REGISTRY,
     MaskRCNNConvUpsampleHead,
 )
+from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
+
+from .roi_heads import LevelSetROIHeads
 
 __all__ = [
     "check_tsdf_config",
@@ -405,9 +408,6 @@ class TSDFMaskRCNNHead(nn.Module):
         Returns:
             dict of losses in training; else ``instances`` with ``pred_masks`` (and ``pred_tsdf``).
         """
-        if self.image_crop_resolution and image_crops is None:
-            raise ValueError(f"{type(self).__name__} with MODEL.LEVELSET.IMAGE_FEATURES needs the RoIs' image "
-                             "crops: set MODEL.ROI_HEADS.NAME: LevelSetROIHeads")
         outputs = self.layers(x) if image_crops is None else self.layers(x, image_crops)
         classes = self._classes(instances, self.training)
         phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
@@ -573,7 +573,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         """
         Args:
             x: (R, C_in, h, w) pooled RoI features.
-            image_crops: (R, 3, S, S) RoI crops of the normalised input, with IMAGE_FEATURES "raw".
+            image_crops: (R, 3, S, S) RoI crops of the normalised input, with IMAGE_FEATURES "raw" (ignored otherwise).
         Returns:
             initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1] (upsampled to S after selection),
             hyperparameters: (R, 2N + 3) = lambda1, lambda2, mu, eps_1..N, dt_1..N, all positive,
@@ -584,6 +584,11 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             image_features (with image crops): (R, 3, S, S) standardised crops, further Chan-Vese
                 channels on the full S x S grid.
         """
+        S = self.image_crop_resolution
+        if S and (image_crops is None or image_crops.shape[1:] != (3, S, S)):
+            got = None if image_crops is None else tuple(image_crops.shape)
+            raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES 'raw' needs (R, 3, {S}, {S}) image crops, got {got} "
+                             "(MODEL.ROI_HEADS.NAME: LevelSetROIHeads passes them)")
         features = self.chan_vese_features(x)
         if self.normalize_features:
             features = F.normalize(features, dim=1, eps=1e-6)
@@ -593,10 +598,6 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             "chan_vese_features": features,
         }
         if self.image_crop_resolution:
-            if image_crops is None or image_crops.shape[1:] != (3, self.image_crop_resolution, self.image_crop_resolution):
-                got = None if image_crops is None else tuple(image_crops.shape)
-                raise ValueError(f"IMAGE_FEATURES 'raw' needs (R, 3, {self.image_crop_resolution}, "
-                                 f"{self.image_crop_resolution}) image crops, got {got}")
             outputs["image_features"] = standardize_crops(image_crops.float())
         return outputs
 
@@ -629,10 +630,6 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
 
 
 def _passes_image_crops(roi_heads_name: str) -> bool:
-    from detectron2.modeling import ROI_HEADS_REGISTRY
-
-    from .roi_heads import LevelSetROIHeads
-
     return issubclass(ROI_HEADS_REGISTRY.get(roi_heads_name), LevelSetROIHeads)
 
 
