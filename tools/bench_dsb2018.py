@@ -42,15 +42,22 @@ CONFIGS = {
     # Optional (--models), not in the paper: the RoI's image crop as 3 more Chan-Vese channels.
     "LevelSet R-CNN + image crop": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
     "LevelSet R-CNN + image crop, no clipping": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+    # Cheaper Chan-Vese features heads (MODEL.LEVELSET.FEATURES_INPUT / FEATURES_NUM_CONV).
+    "LevelSet R-CNN + image crop, shared convs": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+    "LevelSet R-CNN + image crop, no features conv": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
 }
 # Overrides of a model beside its config file (and the run's own).
-MODEL_OPTS = {"LevelSet R-CNN + image crop, no clipping": ("SOLVER.CLIP_GRADIENTS.ENABLED", "False")}
+MODEL_OPTS = {
+    "LevelSet R-CNN + image crop, no clipping": ("SOLVER.CLIP_GRADIENTS.ENABLED", "False"),
+    "LevelSet R-CNN + image crop, shared convs": ("MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs",
+                                                   "MODEL.LEVELSET.FEATURES_NUM_CONV", "0"),
+    "LevelSet R-CNN + image crop, no features conv": ("MODEL.LEVELSET.FEATURES_NUM_CONV", "0"),
+}
 DEFAULT_MODELS = ["Mask R-CNN", "LevelSet R-CNN"]
 # Models whose phi_0 is evaluated too (a paired row: the same weights, INFERENCE_TSDF initial).
-WITH_PHI0 = ["LevelSet R-CNN", "LevelSet R-CNN + image crop", "LevelSet R-CNN + image crop, no clipping"]
-ROWS = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone",
-        "LevelSet R-CNN + image crop", "LevelSet R-CNN + image crop, initial φ0",
-        "LevelSet R-CNN + image crop, no clipping", "LevelSet R-CNN + image crop, no clipping, initial φ0"]
+WITH_PHI0 = [name for name in CONFIGS if name.startswith("LevelSet R-CNN")]
+ROWS = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone"]
+ROWS += [row for name in WITH_PHI0[1:] for row in (name, f"{name}, initial φ0")]
 
 
 def evaluations(name):

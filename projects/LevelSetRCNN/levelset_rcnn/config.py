@@ -38,6 +38,12 @@ def add_levelset_rcnn_config(cfg):
     # Convs (ROI_MASK_HEAD.CONV_DIM wide) of the Chan-Vese features head before its upsampling
     # (the paper leaves the depth to its supplement; one keeps the branch ~1.5x Mask R-CNN's cost).
     cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 1
+    # What the Chan-Vese features head reads. "roi": the pooled RoI features (Fig. 1: three heads
+    # on r_m). "tsdf_convs": the output of the initial TSDF head's ROI_MASK_HEAD.NUM_CONV convs,
+    # shared, so the embedding is 4 convs deep at the cost of its deconv and 1x1 alone; with
+    # FEATURES_NUM_CONV 0 the mask branch costs ~20 % of Mask R-CNN's head less (BENCHMARKS.md
+    # section 3). Not in the paper; measured on DSB2018 in section 2.
+    cfg.MODEL.LEVELSET.FEATURES_INPUT = "roi"
     # Units the Chan-Vese steps run in. "pixels": they evolve TRUNCATION * phi_0, a TSDF in pixels
     # of the EVOLUTION_RESOLUTION grid (slope ~1 per pixel), so eps, dt and GRAD_EPS below are in
     # pixels. "normalized": phi_0 in [-1, 1] as predicted (slope ~1/TRUNCATION per pixel), the

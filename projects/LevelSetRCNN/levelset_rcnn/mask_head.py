@@ -372,9 +372,20 @@ class TSDFMaskRCNNHead(nn.Module):
             "vis_period": cfg.VIS_PERIOD,
         }
 
-    def initial_tsdf(self, x: torch.Tensor) -> torch.Tensor:
-        """(R, C_in, h, w) RoI features -> (R, K, T, T) per-class phi_0 in [-1, 1], T = 28."""
-        phi = torch.tanh(self.initial_tsdf_head.layers(x))
+    def tsdf_convs(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, C_in, h, w) RoI features -> (R, CONV_DIM, h, w): the initial TSDF head's conv stack."""
+        for conv in self.initial_tsdf_head.conv_norm_relus:
+            x = conv(x)
+        return x
+
+    def initial_tsdf(self, x: torch.Tensor, convs: torch.Tensor = None) -> torch.Tensor:
+        """
+        (R, C_in, h, w) RoI features -> (R, K, T, T) per-class phi_0 in [-1, 1], T = 28. ``convs``:
+        :meth:`tsdf_convs` of ``x`` if already computed (``x`` is then not read).
+        """
+        head = self.initial_tsdf_head
+        convs = self.tsdf_convs(x) if convs is None else convs
+        phi = torch.tanh(head.predictor(head.deconv_relu(head.deconv(convs))))
         if phi.shape[-1] != self.tsdf_resolution:
             phi = F.interpolate(phi, size=self.tsdf_resolution, mode="bilinear", align_corners=False)
         return phi
@@ -465,6 +476,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         hyperparam_conv_dims: List[int] = (256, 256),
         hyperparam_fc_dim: int = 256,
         features_conv_dims: List[int] = (256,),
+        features_input: str = "roi",
         loss_weight_phin: float = 1.0,
         detach_phi0: bool = False,
         inference_tsdf: str = "final",
@@ -484,6 +496,9 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             hyperparam_mode: "adaptive" (per-RoI head) or "global" (one learned vector).
             hyperparam_conv_dims, hyperparam_fc_dim: hyperparameter head widths.
             features_conv_dims: conv widths of the Chan-Vese features head.
+            features_input: what the features head reads: "roi" (the pooled RoI features, the
+                paper's Fig. 1) or "tsdf_convs" (the initial TSDF head's conv stack output, shared:
+                the features head's own convs, usually none, run on top of it).
             loss_weight_phin: weight of l_TSDF(phi_N).
             detach_phi0: stop the gradient of the phi_N loss at phi_0 (Table 4).
             inference_tsdf: "final" (phi_N) or "initial" (phi_0) becomes pred_masks.
@@ -516,8 +531,12 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             self.hyperparameter_head = GlobalHyperparameters(num_outputs, start=starts, floor=hyperparam_floor)
         else:
             raise ValueError(f"Unknown LEVELSET.HYPERPARAM_MODE {hyperparam_mode!r}")
+        if features_input not in ("roi", "tsdf_convs"):
+            raise ValueError(f"MODEL.LEVELSET.FEATURES_INPUT must be 'roi' or 'tsdf_convs', got {features_input!r}")
+        self.features_input = features_input
+        features_in = input_shape.channels if features_input == "roi" else self.initial_tsdf_head.deconv.in_channels
         self.chan_vese_features = ChanVeseFeaturesHead(
-            input_shape.channels, list(features_conv_dims), embed_channels,
+            features_in, list(features_conv_dims), embed_channels,
             self.evolution_resolution, kwargs.get("conv_norm", ""), upsample=False,
         )
         if inference_tsdf not in ("final", "initial"):
@@ -542,7 +561,8 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         if ls.NUM_STEPS < 1:
             raise ValueError(f"MODEL.LEVELSET.NUM_STEPS must be >= 1 (unrolled Chan-Vese steps), got {ls.NUM_STEPS}")
         for key, allowed in (("HYPERPARAM_MODE", ("adaptive", "global")), ("INFERENCE_TSDF", ("final", "initial")),
-                             ("EVOLUTION_UNITS", ("pixels", "normalized")), ("IMAGE_FEATURES", ("none", "raw"))):
+                             ("EVOLUTION_UNITS", ("pixels", "normalized")), ("IMAGE_FEATURES", ("none", "raw")),
+                             ("FEATURES_INPUT", ("roi", "tsdf_convs"))):
             if ls[key] not in allowed:
                 raise ValueError(f"MODEL.LEVELSET.{key} must be one of {allowed}, got {ls[key]!r}")
         if ls.IMAGE_FEATURES != "none" and not _passes_image_crops(cfg.MODEL.ROI_HEADS.NAME):
@@ -556,6 +576,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,
             hyperparam_fc_dim=ls.HYPERPARAM_FC_DIM,
             features_conv_dims=[conv_dim] * ls.FEATURES_NUM_CONV,
+            features_input=ls.FEATURES_INPUT,
             loss_weight_phin=ls.LOSS_WEIGHT_PHIN,
             detach_phi0=ls.DETACH_PHI0,
             inference_tsdf=ls.INFERENCE_TSDF,
@@ -589,11 +610,15 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             got = None if image_crops is None else tuple(image_crops.shape)
             raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES 'raw' needs (R, 3, {S}, {S}) image crops, got {got} "
                              "(MODEL.ROI_HEADS.NAME: LevelSetROIHeads passes them)")
-        features = self.chan_vese_features(x)
+        if self.features_input == "tsdf_convs":
+            convs = self.tsdf_convs(x)
+            phi0, features = self.initial_tsdf(x, convs), self.chan_vese_features(convs)
+        else:
+            phi0, features = self.initial_tsdf(x), self.chan_vese_features(x)
         if self.normalize_features:
             features = F.normalize(features, dim=1, eps=1e-6)
         outputs = {
-            "initial_tsdf": self.initial_tsdf(x),
+            "initial_tsdf": phi0,
             "hyperparameters": self.hyperparameter_head(x),
             "chan_vese_features": features,
         }
