@@ -107,6 +107,33 @@ def test_head_layer_shapes_and_ranges():
     assert torch.allclose(h, torch.tensor([1.0, 1.0, 0.5, 2.0, 2.0, 4.0, 4.0]).expand(4, -1))
 
 
+def test_features_head_can_share_the_tsdf_convs():
+    """FEATURES_INPUT "tsdf_convs": the embedding reads the initial TSDF head's conv stack (one
+    computation for both), phi_0 stays Detectron2's mask head layers + tanh, and the phi_N loss
+    reaches the shared convs through the embedding too."""
+    torch.manual_seed(0)
+    head = small_head(features_input="tsdf_convs", features_conv_dims=[]).train()
+    x = torch.randn(5, 16, 14, 14)
+    out = head.layers(x)
+    d2 = head.initial_tsdf_head
+    assert torch.allclose(out["initial_tsdf"], torch.tanh(d2.layers(x)), atol=1e-6)
+    convs = d2.mask_fcn1(x)  # small_head: one conv, then the deconv
+    assert torch.allclose(out["chan_vese_features"], head.chan_vese_features(convs), atol=1e-6)
+    assert len(head.chan_vese_features.convs) == 0  # only its deconv and 1x1 of its own
+    # The gradient of the features alone (phi_0's path cut) reaches the conv stack, not the TSDF deconv.
+    out["chan_vese_features"].square().sum().backward()
+    assert d2.mask_fcn1.weight.grad.abs().sum() > 0
+    assert d2.deconv.weight.grad is None
+    # The default reads the RoI features: the conv stack gets no gradient from the features.
+    head = small_head().train()
+    head.layers(x)["chan_vese_features"].square().sum().backward()
+    assert head.initial_tsdf_head.mask_fcn1.weight.grad is None
+    with pytest.raises(ValueError, match="FEATURES_INPUT"):
+        small_head(features_input="mask")
+    cfg = levelset_rcnn.get_cfg()
+    assert cfg.MODEL.LEVELSET.FEATURES_INPUT == "roi"  # the paper's Fig. 1
+
+
 def test_hyperparameters_are_bounded_by_floor_and_start():
     from levelset_rcnn.mask_head import bounded_positive, hyperparameter_starts
 

@@ -9,7 +9,7 @@ Boundary AP, plus LevelSet R-CNN's initial phi_0 as a third row (like the paper'
     .venv/bin/python tools/bench_dsb2018.py --iters 20000 --num-gpus 8 --size 512   # a GPU budget
     .venv/bin/python tools/bench_dsb2018.py --models "TSDF head alone"   # + the ablation row (~35 min)
     .venv/bin/python tools/bench_dsb2018.py --parallel --models "LevelSet R-CNN + image crop" \
-        "LevelSet R-CNN + image crop, no clipping"   # IMAGE_FEATURES "raw", clipped and not (~1 h)
+        "LevelSet R-CNN + image crop, shared convs"   # IMAGE_FEATURES "raw", two features heads (~1-1.3 h)
 
 Rows of models not trained in a run come from their earlier evaluation in the same output folder
 (eval*.json newer than the model), so the ablation can be added to a finished table.
@@ -41,17 +41,18 @@ CONFIGS = {
     "TSDF head alone": REPO / "configs/LevelSetRCNN/ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
     # Optional (--models), not in the paper: the RoI's image crop as 3 more Chan-Vese channels.
     "LevelSet R-CNN + image crop": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
-    "LevelSet R-CNN + image crop, no clipping": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
-    # Cheaper Chan-Vese features heads (MODEL.LEVELSET.FEATURES_INPUT / FEATURES_NUM_CONV).
+    # Variants of it: the features head with one conv of its own (session 6's image model, the
+    # paper-feature model's head), unclipped, and reading the TSDF head's convs (FEATURES_INPUT).
+    "LevelSet R-CNN + image crop, features conv": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+    "LevelSet R-CNN + image crop, features conv, no clipping": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
     "LevelSet R-CNN + image crop, shared convs": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
-    "LevelSet R-CNN + image crop, no features conv": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
 }
 # Overrides of a model beside its config file (and the run's own).
+FEATURES_CONV = ("MODEL.LEVELSET.FEATURES_NUM_CONV", "1")
 MODEL_OPTS = {
-    "LevelSet R-CNN + image crop, no clipping": ("SOLVER.CLIP_GRADIENTS.ENABLED", "False"),
-    "LevelSet R-CNN + image crop, shared convs": ("MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs",
-                                                   "MODEL.LEVELSET.FEATURES_NUM_CONV", "0"),
-    "LevelSet R-CNN + image crop, no features conv": ("MODEL.LEVELSET.FEATURES_NUM_CONV", "0"),
+    "LevelSet R-CNN + image crop, features conv": FEATURES_CONV,
+    "LevelSet R-CNN + image crop, features conv, no clipping": (*FEATURES_CONV, "SOLVER.CLIP_GRADIENTS.ENABLED", "False"),
+    "LevelSet R-CNN + image crop, shared convs": ("MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs"),
 }
 DEFAULT_MODELS = ["Mask R-CNN", "LevelSet R-CNN"]
 # Models whose phi_0 is evaluated too (a paired row: the same weights, INFERENCE_TSDF initial).

@@ -1,5 +1,6 @@
-"""Mask heads alone, in one process, alternating: Mask R-CNN's, LevelSet R-CNN's (paper features) and
-LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES "raw" (crops pooled from the image included).
+"""Mask heads alone, in one process, alternating: Mask R-CNN's, LevelSet R-CNN's (paper features),
+LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES "raw" (crops pooled from the image included), and
+the cheaper Chan-Vese features heads (FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0).
 
     .venv/bin/python tools/bench_mask_heads.py [--rois 50] [--rounds 15] [--threads 2]
 
@@ -21,11 +22,16 @@ from detectron2.structures import Boxes, Instances
 from levelset_rcnn.roi_heads import pool_image_crops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LevelSetRCNN"
+IMAGE = ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]
+SHARED = ["MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs", "MODEL.LEVELSET.FEATURES_NUM_CONV", "0"]
 HEADS = {
     "Mask R-CNN": ("mask_rcnn_R_50_FPN_1x_coco.yaml", []),
     "LevelSet R-CNN": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", []),
-    "+ image crop": ("levelset_rcnn_R_50_FPN_1x_coco.yaml",
-                     ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]),
+    "+ image crop": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", IMAGE),
+    "+ image crop, shared convs": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", IMAGE + SHARED),
+    "+ image crop, no features conv": ("levelset_rcnn_R_50_FPN_1x_coco.yaml",
+                                       IMAGE + ["MODEL.LEVELSET.FEATURES_NUM_CONV", "0"]),
+    "paper features, shared convs": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", SHARED),
 }
 
 
@@ -73,10 +79,9 @@ def main():
             times[name].append(run(name))
     ms = {name: 1000 * float(np.median(t)) / R for name, t in times.items()}
     print(f"{R} RoIs, {args.rounds} rounds, {args.threads} threads; median ms per RoI:")
+    base = ms["Mask R-CNN"]
     for name, v in ms.items():
-        print(f"  {name}: {v:.2f}")
-    a, b, c = ms["Mask R-CNN"], ms["LevelSet R-CNN"], ms["+ image crop"]
-    print(f"image / paper {c / b:.2f}x, paper / Mask R-CNN {b / a:.2f}x, image / Mask R-CNN {c / a:.2f}x")
+        print(f"  {name}: {v:.2f} ({v / base:.2f}x Mask R-CNN)")
 
 
 if __name__ == "__main__":

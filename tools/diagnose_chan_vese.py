@@ -128,8 +128,10 @@ def build_cache(cfg, weights, dataset, num_images, max_rois, seed):
         if c is not None:
             parts["fit" if i % 2 == 0 else "held_out"].append(c)
     head = model.roi_heads.mask_head
-    return ({k: {f: torch.cat([c[f] for c in v]) for f in ("x", "phi0", "gt", "img")} for k, v in parts.items()},
-            head.upsample, head.truncation)
+    data = {k: {f: torch.cat([c[f] for c in v]) for f in ("x", "phi0", "gt", "img")} for k, v in parts.items()}
+    # The trained TSDF head, frozen: with FEATURES_INPUT "tsdf_convs" the features head reads its convs.
+    data["tsdf_head"] = head.initial_tsdf_head.state_dict()
+    return data, head.upsample, head.truncation
 
 
 def targets(gt, truncation, kind):
@@ -182,6 +184,8 @@ class ConvImageFeatures(torch.nn.Module):
 def run_variant(name, cfg, data, upsample, truncation, target_kind, iters, batch, seed):
     torch.manual_seed(seed)
     head = LevelSetMaskHead(cfg, ShapeSpec(channels=data["fit"]["x"].shape[1], height=14, width=14))
+    if head.features_input == "tsdf_convs":  # the features head reads the source model's (frozen) conv stack
+        head.initial_tsdf_head.load_state_dict(data["tsdf_head"])
     image_features = ConvImageFeatures(name in CONV_IMAGE_FEATURES)
     trainable = torch.nn.ModuleList([head.hyperparameter_head, head.chan_vese_features, image_features])
     params = list(trainable.parameters())

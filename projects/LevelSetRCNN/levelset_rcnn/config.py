@@ -40,9 +40,11 @@ def add_levelset_rcnn_config(cfg):
     cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 1
     # What the Chan-Vese features head reads. "roi": the pooled RoI features (Fig. 1: three heads
     # on r_m). "tsdf_convs": the output of the initial TSDF head's ROI_MASK_HEAD.NUM_CONV convs,
-    # shared, so the embedding is 4 convs deep at the cost of its deconv and 1x1 alone; with
-    # FEATURES_NUM_CONV 0 the mask branch costs ~20 % of Mask R-CNN's head less (BENCHMARKS.md
-    # section 3). Not in the paper; measured on DSB2018 in section 2.
+    # shared, so the embedding is 4 convs deep at the cost of its deconv and 1x1 alone. With
+    # FEATURES_NUM_CONV 0 either input drops the features head's own conv, most of the mask
+    # branch's extra cost: 1.33x Mask R-CNN's per RoI instead of 1.49x with the paper's features,
+    # 1.46-1.49x instead of 1.62x with the image crop (BENCHMARKS.md section 3). Not in the paper;
+    # on DSB2018 with the image crop both score as the one-conv head (section 2).
     cfg.MODEL.LEVELSET.FEATURES_INPUT = "roi"
     # Units the Chan-Vese steps run in. "pixels": they evolve TRUNCATION * phi_0, a TSDF in pixels
     # of the EVOLUTION_RESOLUTION grid (slope ~1 per pixel), so eps, dt and GRAD_EPS below are in
@@ -86,7 +88,9 @@ def add_levelset_rcnn_config(cfg):
     # sections 2, 2b, 3): on a frozen phi_0 the steps gain +0.011 IoU over 3 seeds vs -0.002 without;
     # trained from scratch (2 seeds), phi_N beats the same model's phi_0 by +3.8 mask AP / +4.7-5.7 AP75 /
     # +4.2 Boundary AP (0.0 / -0.4 / +0.1 without), but phi_N's mask AP is about the paper-feature model's
-    # (40.9 / 41.6 vs 40.8; AF1 86.2 vs 83.1, box AP 35.2 / 36.0 vs 37.2); the mask head costs ~1.15-1.2x.
+    # (40.9 / 41.6 vs 40.8; AF1 86.2 vs 83.1, box AP 35.2 / 36.0 vs 37.2). The mask branch costs 1.62x
+    # Mask R-CNN's per RoI with it, 1.46x with FEATURES_NUM_CONV 0 too (same accuracy, seed 7: 41.1),
+    # which the DSB2018 image config sets.
     cfg.MODEL.LEVELSET.IMAGE_FEATURES = "none"
     # Stop the phi_N loss gradient at phi_0 (Table 4 ablation "Detach phi_0").
     cfg.MODEL.LEVELSET.DETACH_PHI0 = False
