@@ -23,14 +23,14 @@ from levelset_rcnn.roi_heads import pool_image_crops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LevelSetRCNN"
 IMAGE = ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]
-SHARED = ["MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs", "MODEL.LEVELSET.FEATURES_NUM_CONV", "0"]
+NO_CONV = ["MODEL.LEVELSET.FEATURES_NUM_CONV", "0"]
+SHARED = ["MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs", *NO_CONV]
 HEADS = {
     "Mask R-CNN": ("mask_rcnn_R_50_FPN_1x_coco.yaml", []),
     "LevelSet R-CNN": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", []),
     "+ image crop": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", IMAGE),
     "+ image crop, shared convs": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", IMAGE + SHARED),
-    "+ image crop, no features conv": ("levelset_rcnn_R_50_FPN_1x_coco.yaml",
-                                       IMAGE + ["MODEL.LEVELSET.FEATURES_NUM_CONV", "0"]),
+    "+ image crop, no features conv": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", IMAGE + NO_CONV),
     "paper features, shared convs": ("levelset_rcnn_R_50_FPN_1x_coco.yaml", SHARED),
 }
 

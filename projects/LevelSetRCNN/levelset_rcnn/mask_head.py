@@ -610,15 +610,12 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             got = None if image_crops is None else tuple(image_crops.shape)
             raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES 'raw' needs (R, 3, {S}, {S}) image crops, got {got} "
                              "(MODEL.ROI_HEADS.NAME: LevelSetROIHeads passes them)")
-        if self.features_input == "tsdf_convs":
-            convs = self.tsdf_convs(x)
-            phi0, features = self.initial_tsdf(x, convs), self.chan_vese_features(convs)
-        else:
-            phi0, features = self.initial_tsdf(x), self.chan_vese_features(x)
+        convs = self.tsdf_convs(x)
+        features = self.chan_vese_features(convs if self.features_input == "tsdf_convs" else x)
         if self.normalize_features:
             features = F.normalize(features, dim=1, eps=1e-6)
         outputs = {
-            "initial_tsdf": phi0,
+            "initial_tsdf": self.initial_tsdf(x, convs),
             "hyperparameters": self.hyperparameter_head(x),
             "chan_vese_features": features,
         }
