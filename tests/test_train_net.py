@@ -134,9 +134,13 @@ def test_saved_config_loads_into_default_predictor(trained, coco_sample_dir):
     assert torch.allclose(instances.scores, expected.scores, atol=1e-6)
     assert torch.equal(instances.pred_masks, expected.pred_masks) and expected.pred_masks.any()
 
+    # The negative control: same config, fresh initialisation. After 3 iterations every score sits
+    # near 1/81 (a fresh model's too, within 1e-3), so compare the boxes, which the RPN and box
+    # regression weights move by pixels.
     torch.manual_seed(123)
-    unloaded = run(build_model(cfg))  # same config, fresh initialisation
-    assert len(unloaded) != len(expected) or not torch.allclose(unloaded.scores, expected.scores, atol=1e-3)
+    unloaded = run(build_model(cfg))
+    assert len(unloaded) != len(expected) or not torch.allclose(
+        unloaded.pred_boxes.tensor, expected.pred_boxes.tensor, atol=1.0)
 
 
 @pytest.mark.slow

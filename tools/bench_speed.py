@@ -8,8 +8,9 @@ on exactly ``--dets`` fixed boxes per image (Detectron2's ``detected_instances``
 subprocess so that peak memory (CPU max RSS; CUDA max allocated) is its own.
 
 Inference latency is also measured with both models in one process, image by image in alternation
-over ``--rounds`` rounds: on a shared or throttled machine that ratio is the one to read, since
-drift between two processes' runs can exceed the difference between the models.
+over ``--rounds`` rounds, and so is the training step (``--train-steps`` pairs of steps on the same
+batches, the same RoI sampling seed): on a shared or throttled machine those ratios are the ones to
+read, since drift between two processes' runs can exceed the difference between the models.
 
 Reports per model: inference latency per image, mask-branch time per RoI, training step time
 (batch of 2 real COCO images, forward + backward + SGD step), the share of the step spent building
@@ -72,6 +73,34 @@ def build(name, args):
     return cfg, model, dataset, test_inputs
 
 
+def training_batches(cfg, dataset):
+    """Batches of 2 mapped training images (fixed augmentation seed), the same for every model."""
+    import random
+
+    import torch
+
+    from detectron2.data import DatasetMapper
+
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    mapper = DatasetMapper(cfg, is_train=True)
+    return [[mapper(dict(d)) for d in dataset[i: i + 2]] for i in range(0, len(dataset) - 1, 2)]
+
+
+def train_step(model, opt, batch, device):
+    """One forward + backward + SGD step on ``batch``; returns its wall time (s)."""
+    import torch
+
+    torch.manual_seed(0)  # the same RoI sampling for every model
+    _sync(device)
+    t0 = time.perf_counter()
+    losses = model(batch)
+    sum(losses.values()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def measure_interleaved(args):
     """Runs in a subprocess: both models in one process, timed image by image in alternation over
     ``--rounds`` rounds (first model swapped every round), so that machine drift hits both alike."""
@@ -96,21 +125,40 @@ def measure_interleaved(args):
             for name in CONFIGS:
                 totals[name].append(round_total[name])
     ratios = [l / m for l, m in zip(totals["levelset_rcnn"], totals["mask_rcnn"])]
+
+    # Training steps in alternation too: pair i is one step of each model on the same batch (the
+    # first model swapped every pair), after one warm-up step each.
+    from detectron2.utils.events import EventStorage
+
+    batches = training_batches(built["mask_rcnn"][0], built["mask_rcnn"][2])
+    opts = {name: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for name, m in models.items()}
+    steps = {name: [] for name in CONFIGS}
+    with EventStorage(0):  # the heads log metrics during training
+        for m in models.values():
+            m.train()
+        for i in range(args.train_steps + 1):
+            order = list(CONFIGS) if i % 2 == 0 else list(CONFIGS)[::-1]
+            for name in order:
+                t = train_step(models[name], opts[name], batches[i % len(batches)], args.device)
+                if i > 0:
+                    steps[name].append(t)
+    step_ratios = [l / m for l, m in zip(steps["levelset_rcnn"], steps["mask_rcnn"])]
     print("RESULT " + json.dumps(dict(
         ms={name: 1000 * float(np.median(t)) / len(inputs) for name, t in totals.items()},
-        ratio=float(np.median(ratios)), ratio_min=min(ratios), ratio_max=max(ratios))))
+        ratio=float(np.median(ratios)), ratio_min=min(ratios), ratio_max=max(ratios),
+        step_ms={name: 1000 * float(np.median(t)) for name, t in steps.items()},
+        step_ratio=float(np.median(step_ratios)), step_ratio_min=min(step_ratios),
+        step_ratio_max=max(step_ratios))))
 
 
 def measure(name, args):
     """Runs in a subprocess: build one model, time it, print a json line."""
     import torch
 
-    from detectron2.data import DatasetMapper
     from levelset_rcnn import mask_head as lsmh
     from levelset_rcnn.roi_heads import with_image
 
     cfg, model, dataset, test_inputs = build(name, args)
-    train_mapper = DatasetMapper(cfg, is_train=True)
 
     mask_time = [0.0, 0]
 
@@ -176,24 +224,17 @@ def measure(name, args):
     lsmh.tsdf_targets = timed_targets
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    batches = [[train_mapper(dict(d)) for d in dataset[i: i + 2]] for i in range(0, len(dataset) - 1, 2)]
+    batches = training_batches(cfg, dataset)
     from detectron2.utils.events import EventStorage
 
     steps = []
-    storage = EventStorage(0).__enter__()  # the heads log metrics during training
-    for i in range(args.train_steps + 1):
-        batch = batches[i % len(batches)]
-        _sync(args.device)
-        t0 = time.perf_counter()
-        losses = model(batch)
-        sum(losses.values()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(args.device)
-        if i == 0:
-            target_time[0] = 0.0  # warm-up step
-            continue
-        steps.append(time.perf_counter() - t0)
+    with EventStorage(0):  # the heads log metrics during training
+        for i in range(args.train_steps + 1):
+            t = train_step(model, opt, batches[i % len(batches)], args.device)
+            if i == 0:
+                target_time[0] = 0.0  # warm-up step
+                continue
+            steps.append(t)
     step_ms = 1000 * float(np.median(steps))
     target_share = target_time[0] / sum(steps)
     if args.device == "cuda":
@@ -263,9 +304,12 @@ def main():
     print("| | Mask R-CNN | LevelSet R-CNN | ratio |\n|---|---|---|---|")
     print(f"| inference per image, both models in one process, alternating (ms) | {both['ms']['mask_rcnn']:.0f} "
           f"| {both['ms']['levelset_rcnn']:.0f} | {both['ratio']:.2f}x (rounds: {both['ratio_min']:.2f}-{both['ratio_max']:.2f}x) |")
+    print(f"| training step, batch 2, both models in one process, alternating (ms) | {both['step_ms']['mask_rcnn']:.0f} "
+          f"| {both['step_ms']['levelset_rcnn']:.0f} | {both['step_ratio']:.2f}x (pairs: "
+          f"{both['step_ratio_min']:.2f}-{both['step_ratio_max']:.2f}x) |")
     for key, label, fmt in [("infer_ms", "inference per image, one process per model (ms)", "{:.0f}"),
                             ("per_roi_ms", "mask branch per RoI (ms)", "{:.2f}"),
-                            ("step_ms", "training step, batch 2 (ms)", "{:.0f}"),
+                            ("step_ms", "training step, batch 2, one process per model (ms)", "{:.0f}"),
                             ("peak_mb", f"peak memory, {mem} (MiB)", "{:.0f}")]:
         print(f"| {label} | {fmt.format(m[key])} | {fmt.format(l[key])} | {l[key] / m[key]:.2f}x |")
     print(f"| TSDF targets, share of the training step | – | {100 * l['target_share']:.1f}% | |")
