@@ -132,6 +132,11 @@ def _assert_same_polygon(returned_xy, expected_xy, width, height):
     np.testing.assert_allclose(returned_xy, expected, rtol=0, atol=tol)
 
 
+def _distance_to(polygon_xy, point):
+    """Pixels from ``point`` (x, y) to the nearest vertex of a (K, 2) polygon."""
+    return float(np.sqrt(((np.asarray(polygon_xy) - np.asarray(point)) ** 2).sum(1)).min())
+
+
 @pytest.fixture(scope="session")
 def dsb2018():
     d = SHARED_DATA / "dsb2018"
@@ -180,7 +185,7 @@ def trained_delse(dsb2018, request):
         target, dist4 = _drag_target(gt, r.polygon)
         r5 = predictor.correct(tuple(nearest_contour_point(r.polygons, target)), target)
         iou5 = _iou(_polygon_mask((r5.polygon + 0.5) * 100 / [W, H], W, H), gt)
-        dist5 = float(np.sqrt(((r5.polygon - np.asarray(target)) ** 2).sum(1)).min())
+        dist5 = _distance_to(r5.polygon, target)
         objects.append({"ann": ann, "image": im, "gt": gt, "clicks": clicks, "iou": iou4, "iou_drag": iou5,
                         "dist": dist4, "dist_drag": dist5,
                         "polygon": r.polygon.copy(), "polygon_drag": r5.polygon.copy()})
@@ -318,7 +323,7 @@ def test_delse_in_label_studio(trained_delse, label_studio, backend, dsb2018):
     points5 = result[0]["value"]["points"]
     iou5 = _iou(_polygon_mask(points5, W, H), gt)
     poly5 = np.asarray(points5) * [W / 100.0, H / 100.0] - 0.5
-    dist5 = float(np.sqrt(((poly5 - np.asarray(target)) ** 2).sum(1)).min())
+    dist5 = _distance_to(poly5, target)
     _assert_same_polygon(poly5, obj["polygon_drag"], W, H)
     assert iou5 >= iou4 - 1e-3, (iou4, iou5)
     assert dist5 < dist4, (dist4, dist5)  # the contour moved towards the drag target

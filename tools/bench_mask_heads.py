@@ -3,6 +3,10 @@ LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES "raw" (crops pooled from the
 the cheaper Chan-Vese features heads (FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0).
 
     .venv/bin/python tools/bench_mask_heads.py [--rois 50] [--rounds 15] [--threads 2]
+    .venv/bin/python tools/bench_mask_heads.py --profile "+ image crop, no features conv" [--rois 100]
+
+``--profile HEAD`` times nothing else: it prints ``torch.profiler``'s operator table (self CPU time)
+for ``--rounds`` calls of that head (where its time goes).
 
 Random weights and inputs (R-50 COCO configs: 256 x 14 x 14 pooled features, 80 classes, boxes of
 5-35 % of an 800 x 1216 image). Alternating the heads round by round keeps machine drift out of the
@@ -48,6 +52,7 @@ def main():
     ap.add_argument("--rois", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", choices=list(HEADS), help="profile this head instead of timing all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -73,6 +78,15 @@ def main():
 
     for name in heads:  # warm-up
         run(name)
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            for _ in range(args.rounds):
+                run(args.profile)
+        print(f"{args.profile}: {R} RoIs, {args.rounds} calls, {args.threads} threads")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
     times = {name: [] for name in heads}
     for _ in range(args.rounds):
         for name in heads:

@@ -103,6 +103,12 @@ def train_step(model, opt, batch, device):
     return time.perf_counter() - t0
 
 
+def _ratios(seconds, prefix=""):
+    """Median and range of the per-round LevelSet / Mask R-CNN ratios of ``seconds`` (name -> list)."""
+    r = [l / m for l, m in zip(seconds["levelset_rcnn"], seconds["mask_rcnn"])]
+    return {f"{prefix}ratio": float(np.median(r)), f"{prefix}ratio_min": min(r), f"{prefix}ratio_max": max(r)}
+
+
 def measure_interleaved(args):
     """Runs in a subprocess: both models in one process, timed image by image in alternation over
     ``--rounds`` rounds (first model swapped every round), so that machine drift hits both alike."""
@@ -126,7 +132,6 @@ def measure_interleaved(args):
                     round_total[name] += time.perf_counter() - t0
             for name in CONFIGS:
                 totals[name].append(round_total[name])
-    ratios = [l / m for l, m in zip(totals["levelset_rcnn"], totals["mask_rcnn"])]
 
     # Training steps in alternation too: pair i is one step of each model on the same batch (the
     # first model swapped every pair), after one warm-up step each.
@@ -144,13 +149,9 @@ def measure_interleaved(args):
                 t = train_step(models[name], opts[name], batches[i % len(batches)], args.device)
                 if i > 0:
                     steps[name].append(t)
-    step_ratios = [l / m for l, m in zip(steps["levelset_rcnn"], steps["mask_rcnn"])]
     print("RESULT " + json.dumps(dict(
-        ms={name: 1000 * float(np.median(t)) / len(inputs) for name, t in totals.items()},
-        ratio=float(np.median(ratios)), ratio_min=min(ratios), ratio_max=max(ratios),
-        step_ms={name: 1000 * float(np.median(t)) for name, t in steps.items()},
-        step_ratio=float(np.median(step_ratios)), step_ratio_min=min(step_ratios),
-        step_ratio_max=max(step_ratios))))
+        ms={name: 1000 * float(np.median(t)) / len(inputs) for name, t in totals.items()}, **_ratios(totals),
+        step_ms={name: 1000 * float(np.median(t)) for name, t in steps.items()}, **_ratios(steps, "step_"))))
 
 
 def measure(name, args):
