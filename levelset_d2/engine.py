@@ -9,24 +9,20 @@ evaluators with the boundary metrics.
 
 ``--resume`` continues an interrupted run as if it had not stopped (see :meth:`Trainer.resume_or_load`):
 besides Detectron2's model, optimiser, scheduler and iteration, the checkpoint holds the random
-states and the training sampler's seed, and the resumed loader skips the samples already consumed.
+states and the training sampler's seed (:mod:`levelset_d2.resume`), and the resumed loader skips
+the samples already consumed.
 """
-import itertools
 import logging
 import os
-import random
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
 
 import detectron2.utils.comm as comm
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, hooks
-from detectron2.data.common import ToIterableDataset
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
@@ -36,6 +32,7 @@ from .checkpoint import SafeDetectionCheckpointer
 from .config import check_registered_names, get_cfg
 from .datasets import prepare_dataset
 from .evaluation import build_detection_evaluator
+from .resume import RandomStates, TrainLoader
 from .robust_data import build_robust_test_loader, build_robust_train_loader
 
 __all__ = ["Trainer", "register_meta_architecture", "ArchitectureHooks", "ddp_kwargs", "setup", "main"]
@@ -69,64 +66,6 @@ def _hooks(cfg) -> ArchitectureHooks:
     return _ARCHITECTURES.get(cfg.MODEL.META_ARCHITECTURE, ArchitectureHooks())
 
 
-# ------------------------------------------------------------------------------- resume
-def rng_state() -> dict:
-    """The Python, NumPy, torch (and CUDA) random states, as types ``torch.load(weights_only=True)`` reads."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Inverse of :func:`rng_state`. CUDA states are set only where there are as many devices."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
-        torch.cuda.set_rng_state_all(cuda)
-
-
-class SkipSampler(Sampler):
-    """The index stream of ``sampler`` without its first ``skip`` indices: a resumed run goes on
-    where the interrupted one stopped, instead of restarting Detectron2's infinite stream."""
-
-    def __init__(self, sampler, skip: int):
-        self.sampler = sampler
-        self.skip = int(skip)
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.skip, None)
-
-
-def _loader_parts(loader):
-    """The ``ToIterableDataset`` (which holds the sampler) and the torch ``DataLoader`` inside a
-    Detectron2 train loader (DataLoader, AspectRatioGroupedDataset or MapDataset around them); None
-    for parts not found (a custom loader)."""
-    holder = torch_loader = None
-    obj = loader
-    for _ in range(8):
-        if isinstance(obj, DataLoader) and torch_loader is None:
-            torch_loader = obj
-        if isinstance(obj, ToIterableDataset):
-            holder = obj
-            break
-        obj = obj.__dict__.get("dataset", obj.__dict__.get("_dataset")) if hasattr(obj, "__dict__") else None
-        if obj is None:
-            break
-    return holder, torch_loader
-
-
 def ddp_kwargs(cfg, model) -> dict:
     """Arguments of the DistributedDataParallel wrapper of ``model`` in a multi-process run: its
     process's GPU on CUDA, none on CPU (DDP rejects device_ids for a CPU model), and unused-parameter
@@ -142,60 +81,30 @@ class Trainer(DefaultTrainer):
     random states."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, except for the DDP wrapper (ddp_kwargs) and the checkpointer.
+        # DefaultTrainer.__init__ wraps the model with create_ddp_model(model, broadcast_buffers=False),
+        # which passes device_ids=[local rank]: DistributedDataParallel rejects that for a CPU model
+        # (train_net.py --num-gpus N on CPU), and DELSE needs find_unused_parameters. Detectron2 has no
+        # hook for the wrapper's arguments, so this builds the same parts with ddp_kwargs.
         TrainerBase.__init__(self)
-        logger = logging.getLogger("detectron2")
-        if not logger.isEnabledFor(logging.INFO):
-            setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-
         model = create_ddp_model(model, **ddp_kwargs(cfg, model))
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        # Atomic saves (a kill mid-save keeps the previous checkpoint) and no code execution on load.
-        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        self._sampler_holder, self._torch_loader = _loader_parts(data_loader)
-        self._seed_loader_generator(0)
-        self._resume_state = None
+        # Besides Detectron2's checkpointables: the training sampler (its seed) and the random states.
+        # The checkpointer saves atomically and runs no code on load.
+        self.train_sampler = data_loader.sampler if isinstance(data_loader, TrainLoader) else None
+        resume_state = {"rng": RandomStates()}
+        if self.train_sampler is not None:
+            resume_state["train_sampler"] = self.train_sampler
+        self.checkpointer = SafeDetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                      **resume_state)
         self.register_hooks(self.build_hooks())
-
-    # The checkpoint's "trainer" entry: Detectron2's (iteration, optimiser, scheduler, AMP scaler)
-    # plus what a resume needs to see the same data and random draws.
-    def state_dict(self):
-        ret = super().state_dict()
-        sampler = self._sampler()
-        if sampler is not None and hasattr(sampler, "_seed"):
-            ret["sampler_seed"] = int(sampler._seed)
-        ret["rng"] = rng_state()  # rank 0's; see resume_or_load
-        return ret
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self._resume_state = {k: state_dict[k] for k in ("sampler_seed", "rng") if k in state_dict}
-
-    def _sampler(self):
-        if self._sampler_holder is None:
-            return None
-        sampler = self._sampler_holder.sampler
-        return sampler.sampler if isinstance(sampler, SkipSampler) else sampler
-
-    def _seed_loader_generator(self, start_iter):
-        # The DataLoader draws its workers' base seed when its iterator starts, from the global torch
-        # RNG unless it has a generator: that draw would shift a resumed run's torch random stream.
-        # Seeded from the sampler's seed (and, after a resume, the iteration: new worker streams).
-        if self._torch_loader is None or (start_iter == 0 and self._torch_loader.generator is not None):
-            return
-        seed = int(getattr(self._sampler(), "_seed", 0)) + start_iter
-        self._torch_loader.generator = torch.Generator().manual_seed(seed)
 
     def resume_or_load(self, resume=True):
         """Detectron2's resume (model, optimiser, scheduler, AMP scaler, iteration), and then:
@@ -207,36 +116,30 @@ class Trainer(DefaultTrainer):
         - one process: the Python, NumPy, torch and CUDA random states are those at the save, so
           augmentation, RoI sampling and any other random draw continue the same streams. With
           several processes each keeps its ``SEED + rank`` seeding (only rank 0's state is saved).
-          DataLoader workers (DATALOADER.NUM_WORKERS > 0) start new random streams.
+          DataLoader workers (DATALOADER.NUM_WORKERS > 0) restart their random streams.
         """
-        self._resume_state = None
         super().resume_or_load(resume=resume)
-        state, self._resume_state = self._resume_state, None
-        if state is None:  # a fresh run (or no checkpoint to resume from)
+        if self.start_iter == 0:  # a fresh run (or no checkpoint to resume from)
             return
         logger = logging.getLogger("detectron2")
-        if self._sampler_holder is None:
-            logger.warning("Resume: no Detectron2 sampler found in the train loader; its data stream restarts")
-        else:
-            sampler = self._sampler()
-            if "sampler_seed" in state and hasattr(sampler, "_seed"):
-                sampler._seed = state["sampler_seed"]
-            consumed = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
-            self._sampler_holder.sampler = SkipSampler(sampler, consumed)
-            self._seed_loader_generator(self.start_iter)
-            logger.info(f"Resume: the train loader skips the {consumed} samples consumed before iteration "
-                        f"{self.start_iter}")
-        if "rng" in state and comm.get_world_size() == 1:
-            set_rng_state(state["rng"])
+        if self.train_sampler is None:
+            logger.warning("Resume: the train loader has no resumable sampler; its data stream restarts")
+            return
+        self.train_sampler.start = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+        logger.info(f"Resume: the train loader skips the {self.train_sampler.start} samples consumed before "
+                    f"iteration {self.start_iter}")
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """The architecture's loader (a :class:`~levelset_d2.resume.TrainLoader`, so resumes continue
+        its stream), by default the robust detection loader (bad samples skipped with a warning, or
+        raised with DATALOADER.STRICT)."""
         build = _hooks(cfg).build_train_loader
         if build is not None:
             return build(cfg)
         for name in cfg.DATASETS.TRAIN:
             prepare_dataset(name)
-        return build_robust_train_loader(cfg)  # bad samples: skipped with a warning, or DATALOADER.STRICT
+        return build_robust_train_loader(cfg)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data.build import get_detection_dataset_dicts
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
+
+from .resume import build_resumable_train_loader
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +238,19 @@ class RobustDatasetMapper:
 
 
 def build_robust_train_loader(cfg, mapper=None):
-    """``build_detection_train_loader`` with :class:`RobustDatasetMapper` around ``mapper``
-    (default :class:`LevelSetDatasetMapper`)."""
+    """The train loader of ``cfg.DATASETS.TRAIN`` with :class:`RobustDatasetMapper` around ``mapper``
+    (default :class:`LevelSetDatasetMapper`) and a resumable ``TrainingSampler``
+    (:func:`levelset_d2.resume.build_resumable_train_loader`)."""
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ValueError(f"DATALOADER.SAMPLER_TRAIN = {cfg.DATALOADER.SAMPLER_TRAIN!r}: only TrainingSampler "
+                         "is supported (a resume continues its stream)")
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     mapper = LevelSetDatasetMapper(cfg, True) if mapper is None else mapper
     robust = RobustDatasetMapper(mapper, strict=cfg.DATALOADER.STRICT,
                                  filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-    return build_detection_train_loader(cfg, mapper=robust)
+    return build_resumable_train_loader(dicts, mapper=robust, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+                                        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+                                        num_workers=cfg.DATALOADER.NUM_WORKERS)
 
 
 def usable_images(dataset_dicts, strict=False) -> List[dict]:

@@ -151,7 +151,7 @@ DRIVER = textwrap.dedent("""
         if comm.get_world_size() == 1:
             # create_ddp_model leaves a one-process model unwrapped; wrap it with the arguments the
             # Trainer gives it in N > 1 processes.
-            trainer._trainer.model = DistributedDataParallel(trainer.model, **engine.ddp_kwargs(cfg, trainer.model))
+            trainer.model = DistributedDataParallel(trainer.model, **engine.ddp_kwargs(cfg, trainer.model))
         model = trainer.model
         trainer.resume_or_load(resume=False)
         trainer.train()

@@ -24,7 +24,7 @@ import torch
 from detectron2.data.samplers import TrainingSampler
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
 from levelset_d2.datasets import prepare_dataset
-from levelset_d2.engine import SkipSampler, rng_state, set_rng_state
+from levelset_d2.resume import ResumableTrainingSampler, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "LevelSetRCNN" / "tiny_levelset_rcnn_synthetic.yaml"
@@ -50,12 +50,15 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[2])
 
 
-def test_skip_sampler_continues_the_training_sampler_stream():
-    sampler = TrainingSampler(7, seed=3)
-    stream = iter(sampler)
+def test_resumable_sampler_continues_the_training_sampler_stream_from_a_saved_seed():
+    stream = iter(TrainingSampler(7, seed=3))
     first = [next(stream) for _ in range(30)]  # past four epochs (reshuffled each)
-    resumed = iter(SkipSampler(TrainingSampler(7, seed=3), 12))
-    assert [next(resumed) for _ in range(18)] == first[12:]
+    saved = ResumableTrainingSampler(7, seed=3).state_dict()
+    resumed = ResumableTrainingSampler(7, seed=4)  # a fresh process draws another seed
+    resumed.load_state_dict(saved)
+    resumed.start = 12
+    it = iter(resumed)
+    assert [next(it) for _ in range(18)] == first[12:]
 
 
 # ------------------------------------------------------------------------------- train_net runs
@@ -99,13 +102,14 @@ def _differences(a, b, path=""):
 def _assert_same_final_state(uninterrupted, resumed):
     a = torch.load(uninterrupted / "model_final.pth", weights_only=True)
     b = torch.load(resumed / "model_final.pth", weights_only=True)
-    # What is compared: the weights, and the trainer's iteration, SGD momentum buffers, LR scheduler
-    # (its hook's state) and random states.
+    # What is compared: the weights, the trainer's iteration, SGD momentum buffers and LR scheduler
+    # (its hook's state), the sampler's seed and the random states.
     assert a["trainer"]["iteration"] == 5
     assert a["trainer"]["_trainer"]["optimizer"]["state"], "no momentum buffers to compare"
     assert "LRScheduler" in a["trainer"]["hooks"]
-    diffs, worst = _differences({"model": a["model"], "trainer": a["trainer"]},
-                                {"model": b["model"], "trainer": b["trainer"]})
+    keys = ("model", "trainer", "train_sampler", "rng")
+    assert all(k in a for k in keys), sorted(a)
+    diffs, worst = _differences({k: a[k] for k in keys}, {k: b[k] for k in keys})
     assert not diffs, f"max abs diff {worst:g}:\n" + "\n".join(diffs[:20])
 
 

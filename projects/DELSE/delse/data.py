@@ -18,8 +18,9 @@ from pycocotools import mask as mask_util
 
 import levelset
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data.build import get_detection_dataset_dicts
+from levelset_d2.resume import build_resumable_train_loader
 from levelset_d2.robust_data import RobustDatasetMapper, read_image, usable_images
 
 logger = logging.getLogger(__name__)
@@ -365,8 +366,8 @@ def build_delse_train_loader(cfg):
     """Infinite loader of DELSE samples from ``cfg.DATASETS.TRAIN`` (one sample per instance)."""
     dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
     instances = flatten_instances(dicts, cfg.INPUT.DELSE.MIN_AREA)
-    return build_detection_train_loader(
-        dataset=instances,
+    return build_resumable_train_loader(
+        instances,
         # A bad instance (unreadable image, empty mask) is skipped with a warning, or DATALOADER.STRICT.
         mapper=RobustDatasetMapper(DELSEDatasetMapper(cfg, True), strict=cfg.DATALOADER.STRICT),
         total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
