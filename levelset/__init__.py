@@ -5,7 +5,7 @@ Tensors are batched over instances: level sets are ``(R, 1, H, W)``, feature map
 Submodules imported on demand (they need pycocotools / OpenCV): ``levelset.metrics`` (boundary F,
 AF1/AF2, Boundary IoU and Boundary AP, DAVIS J/F) and ``levelset.synthetic`` (the built-in dataset).
 """
-from .evolution import chan_vese, chan_vese_energy, delse_evolve
+from .evolution import chan_vese, chan_vese_energy, delse_evolve, sign_flips
 from .functional import curvature, dirac, divergence, divergence_xy, gradient, gradient_norm, gradient_xy, heaviside, norm_xy
 from .tsdf import direction_field, mask_to_tsdf, signed_distance
 
@@ -25,4 +25,5 @@ __all__ = [
     "mask_to_tsdf",
     "norm_xy",
     "signed_distance",
+    "sign_flips",
 ]

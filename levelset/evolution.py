@@ -359,3 +359,21 @@ def delse_evolve(phi, motion, modulation, *, curvature_weight, dist_reg_weight, 
             return dirac(p, eps_[:, n].view(R, 1, 1, 1)) * (advection + curv) + dist_reg
 
         return _unroll(phi, dt_, steps, velocity, return_all, phi_bound)
+
+
+def sign_flips(phi_initial, phi_final, *, band, pixels_per_unit=1.0):
+    """How much of each instance's grid an evolution moves across the zero level.
+
+    Args:
+        phi_initial, phi_final: (R, ...) level sets on the same grid, positive inside.
+        band: half-width in pixels of the boundary band around ``phi_initial``'s zero level.
+        pixels_per_unit: pixels per unit of phi (a TSDF in [-1, 1] truncated at D pixels: D).
+    Returns:
+        (flipped, flipped_band), each (R,): the share of the grid whose sign differs between the two,
+        and that share within the band ``|phi_initial| * pixels_per_unit <= band`` (0 for an empty band).
+    """
+    flips = ((phi_initial > 0) != (phi_final > 0)).flatten(1)
+    near = (phi_initial.abs() * pixels_per_unit <= band).flatten(1)
+    flipped = flips.float().mean(1)
+    flipped_band = (flips & near).sum(1).float() / near.sum(1).clamp_min(1)
+    return flipped, flipped_band

@@ -39,12 +39,22 @@ __all__ = [
     "af_scores",
     "boundary_iou",
     "boundary_ap",
+    "to_rle",
 ]
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # 0.50:0.05:0.95, as COCOeval
 DAVIS_TOLERANCE = 0.008  # DAVIS's official F tolerance: 0.8 % of the image diagonal
 
 CocoResults = List[Dict]  # COCO result dicts: image_id, category_id, score, segmentation (RLE)
+
+
+def to_rle(segmentation, height: int, width: int) -> Dict:
+    """COCO polygon list / RLE dict (compressed or not) -> one compressed RLE (pycocotools' input)."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ SYNTHETIC_IMAGE_SIZE = 128
 
 
 def shared_data_root() -> Path:
+    """The shared data folder: ``$LEVELSET_SHARED_DATA``, default ``<repo>/../shared/data``. The one
+    place that resolves it (datasets, tests, tools)."""
     return Path(os.environ.get("LEVELSET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 

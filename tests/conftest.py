@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("LEVELSET_SHARED_DATA", REPO.parent / "shared" / "data"))
+from levelset_d2.datasets import shared_data_root
+
+SHARED_DATA = shared_data_root()
 
 
 def _require(path: Path) -> Path:

@@ -1,6 +1,5 @@
 """tools/analyze_evolution.py reproduces the model's own masks: its phi_N and phi_0 IoUs are those
 of DefaultPredictor's pred_masks with MODEL.LEVELSET.INFERENCE_TSDF final / initial."""
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,13 +8,13 @@ import torch
 from pycocotools import mask as mask_util
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
 
 
 # The image-crop option pools what LevelSetROIHeads passes the head; the tool must pool the same.
 @pytest.mark.parametrize("opts", [[], ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]],
                          ids=["paper", "image_features"])
-def test_ious_match_the_predictor_and_summary_counts(opts):
+def test_ious_match_the_predictor_and_summary_counts(opts, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))  # undone after the test
     import analyze_evolution as ae
     import levelset_rcnn
     from detectron2.data import DatasetCatalog

@@ -65,6 +65,27 @@ def test_each_projects_tests_import_only_that_project():
     assert not bad, "\n".join(bad)
 
 
+# tools/: each script serves one project (it may import the core, the shared layer, Detectron2 and one
+# of the projects); _benchmarks.py, shared by both projects' benchmarks, imports neither.
+TOOLS = REPO / "tools"
+SHARED_TOOLS = {"_benchmarks.py"}
+# Scripts that still draw figures of both projects; the tools/ reorganisation of issue 24 splits them.
+TOOLS_SERVING_BOTH = {"figure_evolution.py"}
+
+
+def test_tools_import_at_most_one_project():
+    bad = []
+    for path in sorted(TOOLS.glob("*.py")):
+        projects = imported_packages(path) & {"levelset_rcnn", "delse"}
+        allowed = 0 if path.name in SHARED_TOOLS else 2 if path.name in TOOLS_SERVING_BOTH else 1
+        if len(projects) > allowed:
+            bad.append(f"tools/{path.name} imports {sorted(projects)}")
+    assert not bad, "\n".join(bad)
+    # The exceptions are real (remove a name from TOOLS_SERVING_BOTH once its script is split).
+    for name in TOOLS_SERVING_BOTH:
+        assert imported_packages(TOOLS / name) >= {"levelset_rcnn", "delse"}, name
+
+
 def _run_without(blocked: str, code: str, tmp_path):
     """Run ``code`` in a fresh interpreter where importing ``blocked`` fails."""
     script = tmp_path / "run.py"

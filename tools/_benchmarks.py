@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: run a training of train_net.py, score a DELSE model on evenly
-spaced test instances, and write a result table into its section of BENCHMARKS.md."""
+"""Shared by the benchmark scripts of both projects (so it imports neither): run a training of
+train_net.py and write a result table into its section of BENCHMARKS.md."""
 import os
 import subprocess
 import sys
@@ -22,41 +22,6 @@ def update_section(section, table, fallback):
         print(f"updated {BENCHMARKS}")
     else:
         print(f"markers {begin} / {end} not found in {BENCHMARKS}; table left in {fallback}")
-
-
-def score_delse_instances(cfg, weights, num_instances=0):
-    """Per-instance scores of a DELSE model on ``cfg.DATASETS.TEST[0]``.
-
-    Args:
-        cfg: the model's config; weights: path of its checkpoint; num_instances: evenly spaced
-            instances of the test set to score (0: all).
-    Returns:
-        (records, evaluator): the DELSEEvaluator's per-instance records and the evaluator (its
-        tolerances and threshold grids summarise them).
-    """
-    import numpy as np
-    import torch
-
-    from delse import DELSEDatasetMapper, DELSEEvaluator, flatten_instances
-    from detectron2.data import DatasetCatalog
-    from detectron2.modeling import build_model
-    from levelset_d2.checkpoint import SafeDetectionCheckpointer
-
-    model = build_model(cfg)
-    SafeDetectionCheckpointer(model).load(str(weights))
-    model.eval()
-    dataset = cfg.DATASETS.TEST[0]
-    instances = flatten_instances(DatasetCatalog.get(dataset), cfg.INPUT.DELSE.MIN_AREA)
-    if 0 < num_instances < len(instances):
-        keep = np.unique(np.linspace(0, len(instances) - 1, num_instances).round().astype(int))
-        instances = [instances[i] for i in keep]
-    mapper = DELSEDatasetMapper(cfg, False)
-    evaluator = DELSEEvaluator(dataset, cfg, distributed=False)
-    with torch.no_grad():
-        for i in range(0, len(instances), 8):
-            inputs = [mapper(x) for x in instances[i: i + 8]]
-            evaluator.process(inputs, model(inputs))
-    return evaluator._records, evaluator
 
 
 def run_train_net(config, opts, log_path, threads):

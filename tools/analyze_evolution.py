@@ -24,7 +24,7 @@ from pycocotools import mask as mask_util
 
 import levelset
 import levelset_rcnn
-from delse.data import to_rle
+from levelset.metrics import to_rle
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
@@ -66,11 +66,8 @@ def analyse_image(model, record, score_thresh, input_format, match_iou=0.5):
                                   dtype=torch.float32))
     best_iou, best = pairwise_iou(det_boxes, gt_boxes).max(dim=1)
     gt_rles = [to_rle(a["segmentation"], h, w) for a in gt]
-    flips = (phi0 > 0) != (phin > 0)
-    flipped = flips.float().mean(dim=(1, 2, 3))
-    # Boundary band: within BAND_PX pixels (of the S x S grid) of phi_0's zero level.
-    band = phi0.abs() * model.roi_heads.mask_head.truncation <= BAND_PX
-    flipped_band = (flips & band).flatten(1).sum(1).float() / band.flatten(1).sum(1).clamp_min(1)
+    flipped, flipped_band = levelset.sign_flips(phi0, phin, band=BAND_PX,
+                                                pixels_per_unit=model.roi_heads.mask_head.truncation)
     rows = []
     for i in range(len(det)):
         if best_iou[i] < match_iou:

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _benchmarks import run_train_net, score_delse_instances, update_section
+from _benchmarks import run_train_net, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {  # --dataset -> (the two configs, [(train dataset, test dataset)] or None: the configs')
@@ -90,7 +90,9 @@ def evaluate(args, name, out_dir, noise=0.0, fold=None):
     torch.set_num_threads(args.threads)
     cfg = load_cfg(name, train_opts(args, name, out_dir) + fold_opts(fold) + ["INPUT.DELSE.EXTREME_POINT_NOISE", noise])
     t0 = time.time()
-    records, evaluator = score_delse_instances(cfg, Path(out_dir) / "model_final.pth", args.eval_instances)
+    from delse.evaluation import score_instances
+
+    records, evaluator = score_instances(cfg, Path(out_dir) / "model_final.pth", args.eval_instances)
     return records, evaluator, time.time() - t0
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from _benchmarks import run_train_net, score_delse_instances, update_section
+from _benchmarks import run_train_net, update_section
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/DELSE"
@@ -79,7 +79,9 @@ def evaluate(args, config, out_dir, iters):
     torch.set_num_threads(args.threads)
     cfg = load_cfg(config, run_opts(args, config, out_dir, iters) + ["MODEL.DELSE.TEST_NUM_CORRECTIONS", K,
                                                                       "MODEL.WEIGHTS", ""])
-    records, evaluator = score_delse_instances(cfg, Path(out_dir) / "model_final.pth", args.eval_instances)
+    from delse.evaluation import score_instances
+
+    records, evaluator = score_instances(cfg, Path(out_dir) / "model_final.pth", args.eval_instances)
     res = dict(evaluator.summarize(records, evaluator.tolerances, evaluator.thresholds))
     res["num_instances"] = len(records)
     res["dataset"] = cfg.DATASETS.TEST[0]

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_util
 
+from levelset_d2.datasets import shared_data_root
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config-file", default=str(REPO / "configs/DELSE/delse_R_18_dsb2018.yaml"))
     ap.add_argument("--weights", required=True)
-    ap.add_argument("--data", default=str(Path(os.environ.get("LEVELSET_SHARED_DATA", REPO.parent / "shared" / "data")) / "dsb2018"))
+    ap.add_argument("--data", default=str(shared_data_root() / "dsb2018"))
     ap.add_argument("--objects", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

@@ -32,7 +32,7 @@ from pycocotools import mask as mask_util
 
 import levelset
 import levelset_rcnn
-from delse.data import to_rle
+from levelset.metrics import to_rle
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.layers import ShapeSpec
@@ -231,13 +231,12 @@ def evaluate(name, head, image_features, held, upsample, truncation, target_kind
         phin = head.evolve(phi0, out)
         gt = held["gt"][sl]
         i0, iN = iou(phi0[:, 0] > 0, gt), iou(phin[:, 0] > 0, gt)
-        flipped = (phi0[:, 0] > 0) != (phin[:, 0] > 0)
-        band = phi0[:, 0].abs() * truncation <= BAND_PX
+        flipped, flipped_band = levelset.sign_flips(phi0, phin, band=BAND_PX, pixels_per_unit=truncation)
         rows["iou0"].append(i0)
         rows["iouN"].append(iN)
         rows["d_iou"].append(iN - i0)
-        rows["flip"].append(flipped.flatten(1).float().mean(1))
-        rows["flip_band"].append((flipped & band).flatten(1).sum(1).float() / band.flatten(1).sum(1).clamp_min(1))
+        rows["flip"].append(flipped)
+        rows["flip_band"].append(flipped_band)
         for k, phi in (("l0", phi0), ("lN", phin)):
             rows[k].append(torch.stack([tsdf_loss(phi[j:j + 1], gt_tsdf[sl][j:j + 1], gt[j:j + 1], head.loss_eps)
                                         for j in range(len(gt))]))

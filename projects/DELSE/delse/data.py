@@ -17,6 +17,7 @@ import torch
 from pycocotools import mask as mask_util
 
 import levelset
+from levelset.metrics import to_rle
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data.build import get_detection_dataset_dicts
@@ -80,15 +81,6 @@ def flatten_instances(dataset_dicts, min_area=0.0):
         f"(skipped {crowd} crowd, {tiny} with area < {min_area} px)"
     )
     return out
-
-
-def to_rle(segmentation, height, width):
-    """COCO polygon list / RLE dict (compressed or not) -> one compressed RLE (pycocotools' input)."""
-    if isinstance(segmentation, list):
-        return mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation["counts"], list):
-        return mask_util.frPyObjects(segmentation, height, width)
-    return segmentation
 
 
 def mask_area(segmentation, height, width):

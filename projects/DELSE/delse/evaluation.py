@@ -200,3 +200,38 @@ class DELSEEvaluator(DatasetEvaluator):
                 logger.warning(f"DELSE threshold search: the best threshold {best:g} is at the edge of "
                                f"the searched {kind} grid; widen TEST.DELSE.{kind.upper()}_THRESHOLDS")
         return res
+
+
+def score_instances(cfg, weights, num_instances=0):
+    """Per-instance scores of a DELSE model on ``cfg.DATASETS.TEST[0]`` (the benchmark tools).
+
+    Args:
+        cfg: the model's config; weights: path of its checkpoint; num_instances: evenly spaced
+            instances of the test set to score (0: all).
+    Returns:
+        (records, evaluator): the DELSEEvaluator's per-instance records and the evaluator (its
+        tolerances and threshold grids summarise them).
+    """
+    import torch
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+    from levelset_d2.checkpoint import SafeDetectionCheckpointer
+
+    from .data import DELSEDatasetMapper, flatten_instances
+
+    model = build_model(cfg)
+    SafeDetectionCheckpointer(model).load(str(weights))
+    model.eval()
+    dataset = cfg.DATASETS.TEST[0]
+    instances = flatten_instances(DatasetCatalog.get(dataset), cfg.INPUT.DELSE.MIN_AREA)
+    if 0 < num_instances < len(instances):
+        keep = np.unique(np.linspace(0, len(instances) - 1, num_instances).round().astype(int))
+        instances = [instances[i] for i in keep]
+    mapper = DELSEDatasetMapper(cfg, False)
+    evaluator = DELSEEvaluator(dataset, cfg, distributed=False)
+    with torch.no_grad():
+        for i in range(0, len(instances), 8):
+            inputs = [mapper(x) for x in instances[i: i + 8]]
+            evaluator.process(inputs, model(inputs))
+    return evaluator._records, evaluator

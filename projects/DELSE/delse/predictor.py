@@ -6,9 +6,9 @@ from typing import List
 
 import numpy as np
 import torch
-from skimage import measure
 
 from detectron2.modeling import build_model
+from levelset.polygons import zero_level_polygons
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
 
 from .data import (
@@ -16,12 +16,11 @@ from .data import (
     points_box,
     points_heatmap,
     points_to_crop,
-    points_to_image,
     paste_to_image,
     warp_to_crop,
 )
 
-__all__ = ["DELSEPredictor", "DELSEResult", "zero_level_polygons"]
+__all__ = ["DELSEPredictor", "DELSEResult", "crop_polygons"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +41,16 @@ class DELSEResult:
     crop_box: np.ndarray = None
 
 
-def zero_level_polygons(phi, crop_box):
+def crop_polygons(phi, crop_box):
     """Sub-pixel zero level set of a crop's level set as closed polygons in image (x, y).
 
     Args:
-        phi: (S, S) float array, positive inside.
+        phi: (S, S) float array, positive inside, on the crop grid of :func:`delse.data.crop_matrix`.
     Returns:
         list of (K, 2) float32 arrays, longest first.
     """
-    # A negative border closes contours that touch the crop edge.
-    padded = np.pad(phi.astype(np.float64), 1, constant_values=min(float(phi.min()), 0.0) - 1.0)
-    contours = measure.find_contours(padded, 0.0)
-    size = phi.shape[-1]
-    polys = [points_to_image(c[:, ::-1] - 1.0, crop_box, size) for c in contours]
+    # crop_matrix puts image pixel centres at integer coordinates, zero_level_polygons at +0.5.
+    polys = [(p - 0.5).astype(np.float32) for p in zero_level_polygons(phi, crop_box)]
     return sorted(polys, key=len, reverse=True)
 
 
@@ -176,7 +172,7 @@ class DELSEPredictor:
         phi = phi.float().cpu().numpy()
         st = self._state
         H, W = st["size"]
-        polys = zero_level_polygons(phi, st["crop_box"])
+        polys = crop_polygons(phi, st["crop_box"])
         st["result"] = DELSEResult(
             mask=paste_to_image(phi, st["crop_box"], H, W),
             polygon=polys[0] if polys else np.zeros((0, 2), np.float32),

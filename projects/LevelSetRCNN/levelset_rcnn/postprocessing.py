@@ -4,9 +4,9 @@ from typing import List
 
 import numpy as np
 import torch
-from skimage import measure
 
 from detectron2.structures import Boxes, Instances
+from levelset.polygons import zero_level_polygons
 
 __all__ = ["tsdf_to_polygons", "add_polygons", "polygons_to_coco"]
 
@@ -16,8 +16,8 @@ def tsdf_to_polygons(tsdf: torch.Tensor, boxes: Boxes) -> List[List[np.ndarray]]
     Zero level set of each RoI's TSDF by marching squares, mapped into image coordinates.
 
     Pixel (i, j) of an S x S RoI grid has its centre at ``x0 + (j + 0.5) * w / S`` (the convention of
-    RoIAlign and of Detectron2's mask pasting), so contours agree with the pasted ``pred_masks``.
-    The grid is padded with a negative border so that every contour is closed.
+    RoIAlign and of Detectron2's mask pasting), so contours agree with the pasted ``pred_masks``
+    (:func:`levelset.polygons.zero_level_polygons`).
 
     Args:
         tsdf: (R, 1, S, S) or (R, S, S), positive inside.
@@ -28,18 +28,7 @@ def tsdf_to_polygons(tsdf: torch.Tensor, boxes: Boxes) -> List[List[np.ndarray]]
     """
     tsdf = tsdf.reshape(len(tsdf), tsdf.shape[-2], tsdf.shape[-1]).detach().float().cpu().numpy()
     boxes = boxes.tensor.detach().float().cpu().numpy()
-    result = []
-    for phi, (x0, y0, x1, y1) in zip(tsdf, boxes):
-        side_y, side_x = phi.shape
-        padded = np.pad(phi, 1, mode="constant", constant_values=-1.0)
-        contours = []
-        for rc in measure.find_contours(padded, 0.0, positive_orientation="high"):
-            rc = rc - 1.0  # undo the padding
-            x = x0 + (rc[:, 1] + 0.5) * (x1 - x0) / side_x
-            y = y0 + (rc[:, 0] + 0.5) * (y1 - y0) / side_y
-            contours.append(np.stack([x, y], axis=1))
-        result.append(contours)
-    return result
+    return [zero_level_polygons(phi, box) for phi, box in zip(tsdf, boxes)]
 
 
 def add_polygons(instances: Instances) -> Instances:
