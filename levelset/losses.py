@@ -1,19 +1,45 @@
-"""DELSE's training losses (Wang et al., CVPR 2019, eq. 10-16), pure PyTorch.
+"""Training losses of level sets, pure PyTorch: DELSE's (Wang et al., CVPR 2019, eq. 10-16) and the
+BCE of LevelSet R-CNN's l_TSDF (section 4.2), both on the smooth Heaviside H_eps(phi).
 
-Used by the DELSE meta-architecture and by LevelSet R-CNN's DELSE mask head (its Table 3 baseline).
-Level sets are ``(N, 1, S, S)``, positive inside; masks ``(N, S, S)`` bool.
+Used by the DELSE meta-architecture and by LevelSet R-CNN's heads (its DELSE mask head is the
+Table 3 baseline). Level sets are ``(N, 1, S, S)``, positive inside; masks ``(N, S, S)`` bool.
 """
 import torch
 import torch.nn.functional as F
 
 from .functional import heaviside
 
-__all__ = ["level_set_loss", "class_balanced_bce", "evolution_loss", "pixel_wise_loss", "direction_loss"]
+__all__ = ["level_set_loss", "heaviside_log_probs", "heaviside_bce", "class_balanced_bce", "evolution_loss",
+           "pixel_wise_loss", "direction_loss"]
+
+# Probabilities are clamped to [MIN_PROB, 1] inside the logs of the BCEs.
+MIN_PROB = 1e-6
 
 
 def level_set_loss(phi0, gt_tsdf):
     """L_0 of eq. 11: mean squared error between phi0 and the GT TSDF, both (N, 1, S, S) pixels."""
     return F.mse_loss(phi0, gt_tsdf)
+
+
+def heaviside_log_probs(phi, eps):
+    """``(log H_eps(phi), log(1 - H_eps(phi)))`` in float32, each clamped at ``log(MIN_PROB)``.
+
+    ``1 - H_eps(z) = H_eps(-z)`` exactly, so both are taken of a probability computed without
+    cancellation.
+    """
+    phi = phi.float()
+    return heaviside(phi, eps).clamp_min(MIN_PROB).log(), heaviside(-phi, eps).clamp_min(MIN_PROB).log()
+
+
+def heaviside_bce(phi, gt_mask, eps):
+    """Mean BCE(H_eps(phi), M) over pixels and samples (LevelSet R-CNN's l_TSDF, section 4.2).
+
+    Args:
+        phi: (N, 1, S, S) level set; gt_mask: (N, S, S) bool; eps: float.
+    """
+    log_p, log_not_p = heaviside_log_probs(phi, eps)
+    m = gt_mask[:, None].float()
+    return -(m * log_p + (1 - m) * log_not_p).mean()
 
 
 def class_balanced_bce(log_fg, log_bg, gt_mask):
@@ -40,8 +66,7 @@ def evolution_loss(phi, gt_mask, eps):
     Returns:
         scalar, mean over pixels and samples.
     """
-    prob = heaviside(phi.float(), eps).clamp(1e-6, 1 - 1e-6)
-    return class_balanced_bce(torch.log(prob), torch.log(1 - prob), gt_mask)
+    return class_balanced_bce(*heaviside_log_probs(phi, eps), gt_mask)
 
 
 def pixel_wise_loss(logits, gt_mask):

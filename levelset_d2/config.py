@@ -6,22 +6,70 @@
 is imported or through the ``levelset_d2.config`` entry-point group of its distribution
 (``setup.py``), which lets ``get_cfg()`` find projects nobody imported yet. A config saved by
 any run therefore merges back into ``get_cfg()`` (``DefaultPredictor``, ``--eval-only``).
+
+A renamed key (:func:`register_renamed_key`) is still read under its old name from files, other
+configs and override lists, with a warning naming the new one, so configs saved before the rename
+keep working.
 """
 import logging
 from importlib import metadata
-from typing import Callable, List
+from typing import Callable, Dict, List
 
-from detectron2.config import CfgNode
+from detectron2.config import CfgNode as D2CfgNode
 
-__all__ = ["get_cfg", "register_config", "add_shared_config", "check_registered_names"]
+__all__ = ["get_cfg", "register_config", "register_renamed_key", "add_shared_config", "check_registered_names",
+           "CfgNode"]
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "levelset_d2.config"
-_CONFIG_FUNCTIONS: List[Callable[[CfgNode], CfgNode]] = []
+_CONFIG_FUNCTIONS: List[Callable[[D2CfgNode], D2CfgNode]] = []
+# Full old key -> full new key.
+RENAMED_KEYS: Dict[str, str] = {}
 
 
-def register_config(add_config: Callable[[CfgNode], CfgNode]) -> Callable[[CfgNode], CfgNode]:
+def register_renamed_key(old: str, new: str) -> None:
+    """Read ``old`` (a full key, e.g. ``"MODEL.LEVELSET.NUM_STEPS"`` renamed
+    ``"MODEL.LEVELSET.EVOLUTION_STEPS"``) as ``new``, with a warning."""
+    RENAMED_KEYS[old] = new
+
+
+def _warn_renamed(old: str, new: str, where: str) -> None:
+    logger.warning(f"{where}: {old} is now {new}; read as {new} (rename it there)")
+
+
+class CfgNode(D2CfgNode):
+    """Detectron2's CfgNode that reads the old names of renamed keys (:func:`register_renamed_key`)."""
+
+    def merge_from_other_cfg(self, cfg_other):
+        for old, new in RENAMED_KEYS.items():
+            *path, last = old.split(".")
+            node = cfg_other
+            for name in path:
+                node = node.get(name) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or last not in node:
+                continue
+            value = node.pop(last)
+            *new_path, new_last = new.split(".")
+            target = cfg_other
+            for name in new_path:
+                target = target.setdefault(name, type(self)())
+            if new_last in target:
+                raise KeyError(f"the config sets both {old} and its new name {new}")
+            target[new_last] = value
+            _warn_renamed(old, new, "config")
+        return super().merge_from_other_cfg(cfg_other)
+
+    def merge_from_list(self, cfg_list: list):
+        cfg_list = list(cfg_list)
+        for i in range(0, len(cfg_list), 2):
+            if cfg_list[i] in RENAMED_KEYS:
+                _warn_renamed(cfg_list[i], RENAMED_KEYS[cfg_list[i]], "override list")
+                cfg_list[i] = RENAMED_KEYS[cfg_list[i]]
+        return super().merge_from_list(cfg_list)
+
+
+def register_config(add_config: Callable[[D2CfgNode], D2CfgNode]) -> Callable[[D2CfgNode], D2CfgNode]:
     """Make ``get_cfg()`` call ``add_config(cfg)`` (idempotent, declares keys only). Returns it."""
     if add_config not in _CONFIG_FUNCTIONS:
         _CONFIG_FUNCTIONS.append(add_config)
@@ -36,7 +84,7 @@ def _load_entry_points() -> None:
             logger.warning(f"config of project {ep.name!r} ({ep.value}) not loaded: {e}")
 
 
-def add_shared_config(cfg: CfgNode) -> CfgNode:
+def add_shared_config(cfg: D2CfgNode) -> D2CfgNode:
     """Keys of this layer, read by both projects' loaders and evaluators."""
     # Raise on a bad sample (unreadable image, unusable annotation) instead of skipping it with a
     # warning (levelset_d2.robust_data).
@@ -54,10 +102,10 @@ def get_cfg() -> CfgNode:
     cfg = add_shared_config(get_detectron2_cfg())
     for add_config in _CONFIG_FUNCTIONS:
         add_config(cfg)
-    return cfg
+    return CfgNode(cfg)  # every node of this class, which reads renamed keys
 
 
-def check_registered_names(cfg: CfgNode) -> None:
+def check_registered_names(cfg: D2CfgNode) -> None:
     """Raise a ValueError naming the config key when a component name is not registered.
 
     Detectron2's registries fail with a bare ``KeyError`` deep in ``build_model``; this says which

@@ -70,12 +70,29 @@ def test_registration_and_config_keys():
     assert MetadataCatalog.get("synthetic_shapes_train").thing_classes == ["disc", "ring", "blob", "pair"]
     cfg = levelset_rcnn.get_cfg()
     ls = cfg.MODEL.LEVELSET
-    assert (ls.NUM_STEPS, ls.EMBED_CHANNELS, ls.EVOLUTION_RESOLUTION, ls.TSDF_RESOLUTION) == (3, 64, 112, 28)
+    assert (ls.EVOLUTION_STEPS, ls.EMBED_CHANNELS, ls.EVOLUTION_RESOLUTION, ls.TSDF_RESOLUTION) == (3, 64, 112, 28)
     assert (ls.LOSS_WEIGHT_PHI0, ls.LOSS_WEIGHT_PHIN, ls.LOSS_EPS) == (0.2, 1.0, 0.1)
     # Every config of the project merges into get_cfg() (no undeclared key anywhere).
     for path in sorted(CONFIGS.rglob("*.yaml")):
         c = levelset_rcnn.get_cfg()
         c.merge_from_file(str(path))
+
+
+def test_a_config_saved_with_the_old_step_key_names_is_read_with_a_warning(tmp_path, caplog):
+    saved = tmp_path / "config.yaml"
+    saved.write_text("MODEL:\n  LEVELSET:\n    NUM_STEPS: 2\n    DELSE_HEAD:\n      STEPS: 7\n")
+    cfg = levelset_rcnn.get_cfg()
+    with caplog.at_level(logging.WARNING, logger="levelset_d2.config"):
+        cfg.merge_from_file(str(saved))
+        cfg.merge_from_list(["MODEL.LEVELSET.NUM_STEPS", 4])
+    assert (cfg.MODEL.LEVELSET.EVOLUTION_STEPS, cfg.MODEL.LEVELSET.DELSE_HEAD.EVOLUTION_STEPS) == (4, 7)
+    assert "NUM_STEPS" not in cfg.MODEL.LEVELSET and "STEPS" not in cfg.MODEL.LEVELSET.DELSE_HEAD
+    assert caplog.text.count("MODEL.LEVELSET.NUM_STEPS is now MODEL.LEVELSET.EVOLUTION_STEPS") == 2
+    assert "MODEL.LEVELSET.DELSE_HEAD.STEPS is now MODEL.LEVELSET.DELSE_HEAD.EVOLUTION_STEPS" in caplog.text
+    both = tmp_path / "both.yaml"
+    both.write_text("MODEL:\n  LEVELSET:\n    NUM_STEPS: 2\n    EVOLUTION_STEPS: 3\n")
+    with pytest.raises(KeyError, match="both MODEL.LEVELSET.NUM_STEPS and its new name"):
+        levelset_rcnn.get_cfg().merge_from_file(str(both))
 
 
 def test_head_layer_shapes_and_ranges():

@@ -34,7 +34,7 @@ def _cfg(*opts):
 
 # ------------------------------------------------------------------------------- config errors
 @pytest.mark.parametrize("key, value, message", [
-    ("NUM_STEPS", 0, "MODEL.LEVELSET.NUM_STEPS must be >= 1"),
+    ("EVOLUTION_STEPS", 0, "MODEL.LEVELSET.EVOLUTION_STEPS must be >= 1"),
     ("EVOLUTION_RESOLUTION", 60, r"MODEL.LEVELSET.EVOLUTION_RESOLUTION \(60\) must be a multiple"),
     ("EVOLUTION_RESOLUTION", 14, r"MODEL.LEVELSET.EVOLUTION_RESOLUTION \(14\) must be a multiple of, and at least"),
     ("TRUNCATION", 0.0, "MODEL.LEVELSET.TRUNCATION must be > 0"),

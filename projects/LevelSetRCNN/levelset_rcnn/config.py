@@ -1,6 +1,12 @@
 """Config keys of LevelSet R-CNN (ECCV 2020, section 4), under ``cfg.MODEL.LEVELSET`` (and its
 backbone's ``cfg.MODEL.WRN``). Registered with the shared :func:`levelset_d2.get_cfg`."""
 from detectron2.config import CfgNode as CN
+from levelset_d2.config import register_renamed_key
+
+# The number of evolution steps is EVOLUTION_STEPS everywhere (MODEL.DELSE too); configs saved
+# with the old names are read with a warning.
+register_renamed_key("MODEL.LEVELSET.NUM_STEPS", "MODEL.LEVELSET.EVOLUTION_STEPS")
+register_renamed_key("MODEL.LEVELSET.DELSE_HEAD.STEPS", "MODEL.LEVELSET.DELSE_HEAD.EVOLUTION_STEPS")
 
 
 def add_levelset_rcnn_config(cfg):
@@ -12,7 +18,7 @@ def add_levelset_rcnn_config(cfg):
         return cfg
     cfg.MODEL.LEVELSET = CN()
     # N: unrolled Chan-Vese steps (Eq. 7); the paper unrolls 3.
-    cfg.MODEL.LEVELSET.NUM_STEPS = 3
+    cfg.MODEL.LEVELSET.EVOLUTION_STEPS = 3
     # C: channels of the Chan-Vese feature embedding F(r_m) that replaces image intensities in Eq. 6.
     cfg.MODEL.LEVELSET.EMBED_CHANNELS = 64
     # H = W of F(r_m), of the upsampled phi_0 and of phi_N (112 in the paper).
@@ -111,7 +117,7 @@ def add_levelset_rcnn_config(cfg):
     # DELSE paper's (section 5), which Table 3 uses hand-tuned.
     cfg.MODEL.LEVELSET.DELSE_HEAD = CN()
     # T, explicit steps of eq. 9.
-    cfg.MODEL.LEVELSET.DELSE_HEAD.STEPS = 5
+    cfg.MODEL.LEVELSET.DELSE_HEAD.EVOLUTION_STEPS = 5
     # Time step (pixels per step for |V| = 1).
     cfg.MODEL.LEVELSET.DELSE_HEAD.DT = 1.0
     # lambda (curvature) and mu (distance regularisation) of eq. 9.

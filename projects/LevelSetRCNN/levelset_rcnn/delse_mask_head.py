@@ -113,7 +113,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
             hyperparameter_head=d.HYPERPARAMETER_HEAD,
             hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,
             hyperparam_fc_dim=ls.HYPERPARAM_FC_DIM,
-            steps=d.STEPS,
+            steps=d.EVOLUTION_STEPS,
             dt=d.DT,
             curvature_weight=d.CURVATURE_WEIGHT,
             dist_reg_weight=d.DIST_REG_WEIGHT,

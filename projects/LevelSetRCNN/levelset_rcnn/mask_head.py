@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import levelset
+from levelset.losses import heaviside_bce
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ConvTranspose2d, ShapeSpec, cat, get_norm
 from detectron2.modeling.roi_heads.mask_head import (
@@ -39,8 +40,6 @@ __all__ = [
     "levelset_inference",
 ]
 
-# Probabilities are clamped to [_BCE_MIN_PROB, 1] inside the logs of the BCE.
-_BCE_MIN_PROB = 1e-6
 # Per-RoI standard deviations of an image crop below this (normalised pixel units, ~0.06 grey
 # levels at Detectron2's PIXEL_STD) count as this: a flat crop is not amplified into noise.
 _CROP_MIN_STD = 1e-3
@@ -74,21 +73,6 @@ def tsdf_targets(
     return masks, levelset.mask_to_tsdf(masks, truncation)
 
 
-def soft_heaviside_bce(phi: torch.Tensor, gt_masks: torch.Tensor, eps: float) -> torch.Tensor:
-    """
-    Mean BCE(H_eps(phi), M) in float32. ``1 - H_eps(z) = H_eps(-z)`` exactly, so both logs are
-    taken of a probability computed without cancellation, then clamped.
-
-    Args:
-        phi: (R, S, S) TSDF; gt_masks: (R, S, S) bool.
-    """
-    phi = phi.float()
-    m = gt_masks.to(phi.dtype)
-    log_p = levelset.heaviside(phi, eps).clamp_min(_BCE_MIN_PROB).log()
-    log_not_p = levelset.heaviside(-phi, eps).clamp_min(_BCE_MIN_PROB).log()
-    return -(m * log_p + (1 - m) * log_not_p).mean()
-
-
 def tsdf_loss(
     phi: torch.Tensor, gt_tsdf: torch.Tensor, gt_masks: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -101,8 +85,7 @@ def tsdf_loss(
     Returns:
         scalar loss.
     """
-    phi = phi[:, 0].float()
-    return F.l1_loss(phi, gt_tsdf.float()) + soft_heaviside_bce(phi, gt_masks, eps)
+    return F.l1_loss(phi[:, 0].float(), gt_tsdf.float()) + heaviside_bce(phi, gt_masks, eps)
 
 
 def standardize_crops(crops: torch.Tensor) -> torch.Tensor:
@@ -516,9 +499,17 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             kwargs: arguments of :class:`TSDFMaskRCNNHead`.
         """
         super().__init__(input_shape, **kwargs)
+        # The keys' allowed values, checked once here (a head built from a config or from arguments).
+        for key, value, allowed in (("HYPERPARAM_MODE", hyperparam_mode, ("adaptive", "global")),
+                                    ("INFERENCE_TSDF", inference_tsdf, ("final", "initial")),
+                                    ("EVOLUTION_UNITS", evolution_units, ("pixels", "normalized")),
+                                    ("IMAGE_FEATURES", image_features, ("none", "raw")),
+                                    ("FEATURES_INPUT", features_input, ("roi", "tsdf_convs"))):
+            if value not in allowed:
+                raise ValueError(f"MODEL.LEVELSET.{key} must be one of {allowed}, got {value!r}")
+        if num_steps < 1:
+            raise ValueError(f"MODEL.LEVELSET.EVOLUTION_STEPS must be >= 1 (unrolled Chan-Vese steps), got {num_steps}")
         num_outputs = 2 * num_steps + 3
-        if evolution_units not in ("pixels", "normalized"):
-            raise ValueError(f"Unknown LEVELSET.EVOLUTION_UNITS {evolution_units!r}")
         if not 0.0 <= hyperparam_floor < 1.0:
             raise ValueError(f"MODEL.LEVELSET.HYPERPARAM_FLOOR must be in [0, 1), got {hyperparam_floor}")
         starts = hyperparameter_starts(list(hyperparam_init), num_steps)
@@ -527,20 +518,14 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
                 input_shape.channels, list(hyperparam_conv_dims), hyperparam_fc_dim, num_outputs,
                 kwargs.get("conv_norm", ""), start=starts, floor=hyperparam_floor,
             )
-        elif hyperparam_mode == "global":
-            self.hyperparameter_head = GlobalHyperparameters(num_outputs, start=starts, floor=hyperparam_floor)
         else:
-            raise ValueError(f"Unknown LEVELSET.HYPERPARAM_MODE {hyperparam_mode!r}")
-        if features_input not in ("roi", "tsdf_convs"):
-            raise ValueError(f"MODEL.LEVELSET.FEATURES_INPUT must be 'roi' or 'tsdf_convs', got {features_input!r}")
+            self.hyperparameter_head = GlobalHyperparameters(num_outputs, start=starts, floor=hyperparam_floor)
         self.features_input = features_input
         features_in = input_shape.channels if features_input == "roi" else self.initial_tsdf_head.deconv.in_channels
         self.chan_vese_features = ChanVeseFeaturesHead(
             features_in, list(features_conv_dims), embed_channels,
             self.evolution_resolution, kwargs.get("conv_norm", ""), upsample=False,
         )
-        if inference_tsdf not in ("final", "initial"):
-            raise ValueError(f"Unknown LEVELSET.INFERENCE_TSDF {inference_tsdf!r}")
         self.num_steps = num_steps
         self.loss_weight_phin = loss_weight_phin
         self.detach_phi0 = detach_phi0
@@ -550,27 +535,18 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         self.grad_eps = grad_eps
         self.normalize_features = normalize_features
         self.bound_phi = bound_phi
-        if image_features not in ("none", "raw"):
-            raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES must be 'none' or 'raw', got {image_features!r}")
         self.image_crop_resolution = self.evolution_resolution if image_features == "raw" else 0
 
     @classmethod
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         ls = cfg.MODEL.LEVELSET
-        if ls.NUM_STEPS < 1:
-            raise ValueError(f"MODEL.LEVELSET.NUM_STEPS must be >= 1 (unrolled Chan-Vese steps), got {ls.NUM_STEPS}")
-        for key, allowed in (("HYPERPARAM_MODE", ("adaptive", "global")), ("INFERENCE_TSDF", ("final", "initial")),
-                             ("EVOLUTION_UNITS", ("pixels", "normalized")), ("IMAGE_FEATURES", ("none", "raw")),
-                             ("FEATURES_INPUT", ("roi", "tsdf_convs"))):
-            if ls[key] not in allowed:
-                raise ValueError(f"MODEL.LEVELSET.{key} must be one of {allowed}, got {ls[key]!r}")
         if ls.IMAGE_FEATURES != "none" and not _passes_image_crops(cfg.MODEL.ROI_HEADS.NAME):
             raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES {ls.IMAGE_FEATURES!r} needs MODEL.ROI_HEADS.NAME: "
                              f"LevelSetROIHeads (which passes the image crops), got {cfg.MODEL.ROI_HEADS.NAME!r}")
         conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
         ret.update(
-            num_steps=ls.NUM_STEPS,
+            num_steps=ls.EVOLUTION_STEPS,
             embed_channels=ls.EMBED_CHANNELS,
             hyperparam_mode=ls.HYPERPARAM_MODE,
             hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,

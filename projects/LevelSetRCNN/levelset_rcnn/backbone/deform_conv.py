@@ -15,8 +15,9 @@ from torchvision.ops import deform_conv2d
 
 from detectron2.layers import Conv2d
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from .fpn import fpn_from_config
 
 __all__ = [
     "DeformConv2dPack",
@@ -210,11 +211,4 @@ def build_resnet_tv_deform_backbone(cfg, input_shape):
 @BACKBONE_REGISTRY.register()
 def build_resnet_tv_deform_fpn_backbone(cfg, input_shape):
     """:func:`build_resnet_tv_deform_backbone` + Detectron2's FPN (as build_resnet_fpn_backbone)."""
-    return FPN(
-        bottom_up=build_resnet_tv_deform_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_config(cfg, build_resnet_tv_deform_backbone(cfg, input_shape))

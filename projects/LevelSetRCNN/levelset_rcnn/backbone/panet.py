@@ -12,9 +12,10 @@ from torch.nn import functional as F
 
 from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN
 
 from .deform_conv import build_resnet_tv_deform_backbone
+from .fpn import fpn_from_config
 from .wide_resnet import build_wide_resnet38_backbone
 
 __all__ = ["PANetFPN", "build_resnet_panet_backbone", "build_wide_resnet38_panet_backbone"]
@@ -66,25 +67,14 @@ class PANetFPN(FPN):
         return outputs
 
 
-def _panet(cfg, bottom_up):
-    return PANetFPN(
-        bottom_up=bottom_up,
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
-
-
 @BACKBONE_REGISTRY.register()
 def build_resnet_panet_backbone(cfg, input_shape):
     """Detectron2's ResNet (with torchvision deformable convs where
     MODEL.RESNETS.DEFORM_ON_PER_STAGE says) + FPN + PANet bottom-up path."""
-    return _panet(cfg, build_resnet_tv_deform_backbone(cfg, input_shape))
+    return fpn_from_config(cfg, build_resnet_tv_deform_backbone(cfg, input_shape), PANetFPN)
 
 
 @BACKBONE_REGISTRY.register()
 def build_wide_resnet38_panet_backbone(cfg, input_shape):
     """WideResNet-38 (MODEL.WRN) + FPN + PANet bottom-up path."""
-    return _panet(cfg, build_wide_resnet38_backbone(cfg, input_shape))
+    return fpn_from_config(cfg, build_wide_resnet38_backbone(cfg, input_shape), PANetFPN)

@@ -46,9 +46,9 @@ from torch.nn import functional as F
 
 from detectron2.layers import CNNBlockBase, ShapeSpec, get_norm
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
 from .deform_conv import DeformConv2dPack, make_conv
+from .fpn import fpn_from_config
 
 __all__ = [
     "IdentityResidualBlock",
@@ -332,11 +332,4 @@ def build_wide_resnet38_backbone(cfg, input_shape):
 @BACKBONE_REGISTRY.register()
 def build_wide_resnet38_fpn_backbone(cfg, input_shape):
     """WideResNet-38 + Detectron2's FPN (MODEL.FPN) with P6 by max-pooling P5."""
-    return FPN(
-        bottom_up=build_wide_resnet38_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return fpn_from_config(cfg, build_wide_resnet38_backbone(cfg, input_shape))
