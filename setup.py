@@ -7,7 +7,7 @@ setup(
     name="deep-levelset",
     version="0.1.0",
     description="LevelSet R-CNN and DELSE for Detectron2, on one shared level-set core",
-    python_requires=">=3.8",
+    python_requires=">=3.10",  # as the README states
     packages=["levelset", "levelset_d2", "levelset_rcnn", "delse"],
     package_dir={
         "levelset": "levelset",
@@ -22,5 +22,14 @@ setup(
             "delse = delse:add_delse_config",
         ],
     },
-    install_requires=["torch", "torchvision", "numpy", "scipy", "opencv-python-headless", "pycocotools"],
+    # What the four packages import (requirements.txt pins the tested versions). detectron2 is not on
+    # PyPI: tools/setup_env.sh installs it (README, "Setup").
+    install_requires=["torch", "torchvision", "numpy", "scipy", "scikit-image", "opencv-python-headless",
+                      "pycocotools", "Pillow", "fvcore"],
+    extras_require={
+        # LVIS AP (levelset_d2.evaluation) and Cityscapes instance AP (Detectron2's evaluator).
+        "eval": ["lvis", "cityscapesscripts"],
+        # Brush (RLE) results of the Label Studio backend (delse.label_studio).
+        "label-studio": ["label-studio-sdk"],
+    },
 )

@@ -7,7 +7,7 @@ from detectron2.config import get_cfg as get_detectron2_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 
 from levelset_rcnn.backbone import (
     DeformConv2dPack,
@@ -21,13 +21,26 @@ from levelset_rcnn.backbone.wide_resnet import IdentityResidualBlock
 TINY_WRN = dict(structure=[1, 1, 1, 1, 1, 1], width_divisor=16, norm="BN")
 
 
-def test_registered():
-    for name in [
-        "build_wide_resnet38_backbone", "build_wide_resnet38_fpn_backbone",
-        "build_wide_resnet38_panet_backbone", "build_resnet_tv_deform_backbone",
-        "build_resnet_tv_deform_fpn_backbone", "build_resnet_panet_backbone",
-    ]:
-        assert name in BACKBONE_REGISTRY
+FPN_OUT = ["p2", "p3", "p4", "p5", "p6"]
+
+
+@pytest.mark.parametrize("name, cls, outputs", [
+    ("build_resnet_tv_deform_backbone", ResNet, ["res2", "res3", "res4", "res5"]),
+    ("build_resnet_tv_deform_fpn_backbone", FPN, FPN_OUT),
+    ("build_resnet_panet_backbone", PANetFPN, FPN_OUT),
+    ("build_wide_resnet38_backbone", WideResNet38, ["res2", "res3", "res4", "res5"]),
+    ("build_wide_resnet38_fpn_backbone", FPN, FPN_OUT),
+    ("build_wide_resnet38_panet_backbone", PANetFPN, FPN_OUT),
+])
+def test_each_registered_backbone_builds_from_the_config(name, cls, outputs):
+    cfg = tiny_resnet_cfg([False, False, False, True], modulated=False)
+    add_wrn_config(cfg)
+    cfg.MODEL.WRN.STRUCTURE, cfg.MODEL.WRN.WIDTH_DIVISOR, cfg.MODEL.WRN.NORM = [1] * 6, 16, "BN"
+    model = BACKBONE_REGISTRY.get(name)(cfg, ShapeSpec(channels=3))
+    assert type(model) is cls
+    out = model.eval()(torch.randn(1, 3, 64, 64))
+    assert list(out) == outputs
+    assert {k: v.shape[-1] for k, v in out.items()} == {k: 64 // s.stride for k, s in model.output_shape().items()}
 
 
 def test_wrn38_full_layout_on_meta_device():

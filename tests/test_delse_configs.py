@@ -47,4 +47,12 @@ def test_config_builds(name):
         assert cfg.MODEL.ROI_MASK_HEAD.NAME == "DELSEMaskHead"
     with torch.random.fork_rng():
         model = build_model(cfg)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    # The model is the one the config describes (not just any model that builds).
+    if cfg.MODEL.META_ARCHITECTURE == "DELSE":
+        d = cfg.MODEL.DELSE
+        assert type(model).__name__ == "DELSE"
+        assert (model.evolution_steps, model.tsdf_truncation, model.pixel_wise) == (
+            d.EVOLUTION_STEPS, d.TSDF_TRUNCATION, d.PIXEL_WISE)
+        assert model.use_motion == (d.USE_MOTION and not d.PIXEL_WISE)
+    else:
+        assert type(model.roi_heads.mask_head).__name__ == cfg.MODEL.ROI_MASK_HEAD.NAME

@@ -1,5 +1,7 @@
 """The simulated annotator of DELSE section 4.4 on geometries whose answer is known by hand."""
+import numpy as np
 import torch
+from scipy import ndimage
 
 from delse.interactive import simulate_correction
 
@@ -46,3 +48,16 @@ def test_min_error_is_in_pixels_from_the_gt_boundary():
     pred = _box(40, 60, 10, 30, 10, 33)  # 3 px too far right: 2.5 px from the GT boundary
     assert simulate_correction(_phi(pred), gt, min_error=3.0) is None
     assert simulate_correction(_phi(pred), gt, min_error=2.0) is not None
+
+
+def test_boundary_pixels_are_the_metrics_8_neighbour_boundary():
+    from delse.interactive import boundary_pixels
+    from levelset.metrics import mask_to_boundary
+
+    # A diagonal staircase: its 8- and 4-neighbour boundaries differ (the inner corner pixels).
+    mask = torch.tensor([[r + c <= 9 or (4 <= r <= 8 and 3 <= c <= 9) for c in range(12)] for r in range(12)])
+    ours = boundary_pixels(mask).numpy()
+    np.testing.assert_array_equal(ours, mask_to_boundary(mask.numpy(), border_is_boundary=False))
+    # The 4-neighbour boundary would miss a pixel whose only outside neighbour is diagonal.
+    four = mask.numpy() & ~ndimage.binary_erosion(mask.numpy(), border_value=1)
+    assert (ours & ~four).any()

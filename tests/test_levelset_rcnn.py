@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
-from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY
+from detectron2.modeling.roi_heads.mask_head import build_mask_head
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
@@ -62,8 +62,10 @@ def coco_batch(coco_sample_dir):
 
 
 def test_registration_and_config_keys():
-    for name in ["LevelSetMaskHead", "TSDFMaskRCNNHead", "HighResMaskRCNNHead"]:
-        assert name in ROI_MASK_HEAD_REGISTRY
+    for name in ["LevelSetMaskHead", "TSDFMaskRCNNHead", "HighResMaskRCNNHead", "DELSEMaskHead"]:
+        cfg = tiny_cfg("tiny_levelset_rcnn_synthetic.yaml", "MODEL.ROI_MASK_HEAD.NAME", name)
+        head = build_mask_head(cfg, ShapeSpec(channels=cfg.MODEL.FPN.OUT_CHANNELS, height=14, width=14))
+        assert type(head).__name__ == name
     for name in ["synthetic_shapes_train", "synthetic_shapes_val", "dsb2018_train", "dsb2018_dev",
                  "coco_sample_val2017"]:
         assert name in DatasetCatalog.list()

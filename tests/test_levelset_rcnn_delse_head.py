@@ -99,6 +99,31 @@ def test_delse_mask_head_trains(loss, hp_head, keys):
     assert 0 <= out.pred_masks.min() and out.pred_masks.max() <= 1
 
 
+@pytest.mark.parametrize("loss,hp_head", [("delse", False), ("levelset_rcnn", True)])
+def test_a_batch_without_foreground_gives_zero_gradients_to_every_parameter(loss, hp_head):
+    """No foreground RoI: the losses of a normal batch (same keys, for the metrics of every process),
+    each zero, with every parameter in the graph (DDP waits for a gradient of each)."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    cfg = _cfg(**{"MODEL.LEVELSET.DELSE_HEAD.LOSS": loss, "MODEL.LEVELSET.DELSE_HEAD.HYPERPARAMETER_HEAD": hp_head})
+    head = _head(cfg)
+    with EventStorage():
+        full = head(torch.randn(4, 64, 14, 14), _instances())
+        empty = Instances((128, 128))
+        empty.proposal_boxes = Boxes(torch.zeros(0, 4))
+        empty.gt_masks = BitMasks(torch.zeros(0, 128, 128, dtype=torch.bool))
+        empty.gt_classes = torch.zeros(0, dtype=torch.int64)
+        losses = head(torch.zeros(0, 64, 14, 14), [empty, empty])
+    assert set(losses) == set(full) == set(head.loss_names())
+    assert all(float(v) == 0.0 for v in losses.values())
+    head.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    missing = [n for n, p in head.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.count_nonzero(p.grad) == 0 for p in head.parameters())
+
+
 def test_mask_rcnn_with_delse_head_on_real_image(coco_sample_dir):
     from detectron2.data import DatasetCatalog, DatasetMapper
     from detectron2.modeling import build_model

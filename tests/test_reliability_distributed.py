@@ -84,9 +84,14 @@ def test_two_processes_train_like_one_with_the_same_total_batch(tmp_path):
 def test_a_dead_worker_stops_the_job_with_an_error_naming_it(tmp_path):
     start = time.time()
     proc = _start(tmp_path, tmp_path / "out", 2, "SOLVER.MAX_ITER", 50, kill_rank_at=[1, 2])
-    output, _ = proc.communicate(timeout=120)  # a hang fails here
+    output, _ = proc.communicate(timeout=300)  # a hang fails here
     seconds = time.time() - start
     assert proc.returncode != 0, output[-3000:]
-    assert seconds < 120
     assert "process 1 terminated with exit code 3" in output, output[-3000:]
     assert not (tmp_path / "out" / "model_final.pth").exists()
+    # Promptly: the survivor trains no further than the step it waits in for the lost worker, and
+    # the job ends within two minutes, not at the hang limit above.
+    metrics = tmp_path / "out" / "metrics.json"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert all(r["iteration"] <= 3 for r in rows), rows
+    assert seconds < 120, seconds

@@ -28,7 +28,9 @@ def sample_num_corrections(num_samples, max_corrections, sampling="uniform", gen
 
 
 def boundary_pixels(mask):
-    """(H, W) bool -> (H, W) bool: pixels of the mask with a 4-neighbour outside it."""
+    """(H, W) bool -> (H, W) bool: pixels of the mask with one of their 8 neighbours outside it (a
+    3x3 erosion, the boundary of the metrics: ``levelset.metrics.mask_to_boundary`` with width 1).
+    Pixels beyond the crop's edge count as inside: the crop edge is not an object boundary."""
     m = mask.float()[None, None]
     eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=1.0), 3, stride=1)
     return mask & ~(eroded[0, 0] > 0.5)

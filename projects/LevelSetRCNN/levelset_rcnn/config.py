@@ -27,7 +27,7 @@ def add_levelset_rcnn_config(cfg):
     cfg.MODEL.LEVELSET.TSDF_RESOLUTION = 28
     # TSDF truncation in pixels at EVOLUTION_RESOLUTION; distances are clamped to +-TRUNCATION and
     # divided by it. 10 px at 112 = 2.5 px of the 28x28 head: phi_0 is a learnable ramp a few head
-    # pixels wide, and the delta_eps-weighted updates of phi_N act in a band ~9% of the box wide.
+    # pixels wide.
     cfg.MODEL.LEVELSET.TRUNCATION = 10.0
     # Weights of l_TSDF on phi_0 and phi_N (COCO 0.2 / 1, Cityscapes 1 / 5).
     cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHI0 = 0.2
@@ -42,15 +42,14 @@ def add_levelset_rcnn_config(cfg):
     # Width of the first of the two FC layers of the hyperparameter head.
     cfg.MODEL.LEVELSET.HYPERPARAM_FC_DIM = 256
     # Convs (ROI_MASK_HEAD.CONV_DIM wide) of the Chan-Vese features head before its upsampling
-    # (the paper leaves the depth to its supplement; one keeps the branch ~1.5x Mask R-CNN's cost).
+    # (the paper leaves the depth to its supplement; one keeps the branch's cost moderate: its
+    # measured cost is in BENCHMARKS.md).
     cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 1
     # What the Chan-Vese features head reads. "roi": the pooled RoI features (Fig. 1: three heads
     # on r_m). "tsdf_convs": the output of the initial TSDF head's ROI_MASK_HEAD.NUM_CONV convs,
     # shared, so the embedding is 4 convs deep at the cost of its deconv and 1x1 alone. With
     # FEATURES_NUM_CONV 0 either input drops the features head's own conv, most of the mask
-    # branch's extra cost: 1.33x Mask R-CNN's per RoI instead of 1.49x with the paper's features,
-    # 1.46-1.49x instead of 1.62x with the image crop (BENCHMARKS.md section 3). Not in the paper;
-    # on DSB2018 with the image crop both score as the one-conv head (section 2).
+    # branch's extra cost. Not in the paper; accuracy and cost of each choice: BENCHMARKS.md.
     cfg.MODEL.LEVELSET.FEATURES_INPUT = "roi"
     # Units the Chan-Vese steps run in. "pixels": they evolve TRUNCATION * phi_0, a TSDF in pixels
     # of the EVOLUTION_RESOLUTION grid (slope ~1 per pixel), so eps, dt and GRAD_EPS below are in
@@ -64,22 +63,22 @@ def add_levelset_rcnn_config(cfg):
     # term of ~2 (two well-separated unit features) moves the zero level by dt * 2 / (pi * eps)
     # ~ 1.3 px per step; raw features (NORMALIZE_FEATURES off) can scale that up as they learn.
     # mu = 0.5: the curvature term's explicit step dt * mu / (pi eps) ~ 0.3 stays below the ~0.5
-    # stability limit of the Sobel stencil. Learned on DSB2018: dt 1.6-1.9, eps 3.6 px.
+    # stability limit of the Sobel stencil. The learned values: BENCHMARKS.md.
     # The normalized behaviour before this key existed: [1, 1, 1, 1, 1] with FLOOR 0.
     cfg.MODEL.LEVELSET.HYPERPARAM_INIT = [1.0, 1.0, 0.5, 2.0, 4.0]
     # Lower bound of every hyperparameter as a fraction of its start (upper bound: 2 - FLOOR). With
     # 0, i.e. 2 * sigmoid, a step size near zero gets a gradient proportional to itself and stays
-    # there (the learned dt collapsed to 0.01-0.02 on DSB2018, BENCHMARKS.md section 2).
+    # there (the learned dt collapsed towards 0 on DSB2018: BENCHMARKS.md).
     cfg.MODEL.LEVELSET.HYPERPARAM_FLOOR = 0.1
     # Added in quadrature to |grad phi| in the curvature, in the evolution's units per pixel: 10% of
     # a pixel-unit TSDF's slope. The curvature's derivative grows like 1 / GRAD_EPS on phi_0's flat
-    # plateaus (beyond the truncation, and everywhere at initialisation); 1e-3 there gave ~100x the
-    # in-band gradient. (1e-3 is the normalized behaviour before this key existed.)
+    # plateaus (beyond the truncation, and everywhere at initialisation), where 1e-3 lets it dwarf
+    # the in-band gradient. (1e-3 is the normalized behaviour before this key existed.)
     cfg.MODEL.LEVELSET.GRAD_EPS = 0.1
     # Unit L2 norm per pixel for the Chan-Vese features, so |F - c|^2 <= 4 and mu is on the data
-    # term's scale. Off: on the diagnostic (tools/diagnose_chan_vese.py, BENCHMARKS.md section 2b)
-    # unit features pinned lambda1, lambda2 and dt at their bounds (the capped data term is too weak
-    # for the steps the fit asks for); unnormalised features scale the data term freely.
+    # term's scale. Off: on the diagnostic (tools/diagnose_chan_vese.py, BENCHMARKS.md) unit
+    # features pinned lambda1, lambda2 and dt at their bounds (the capped data term is too weak for
+    # the steps the fit asks for); unnormalised features scale the data term freely.
     cfg.MODEL.LEVELSET.NORMALIZE_FEATURES = False
     # Clamp every Chan-Vese iterate to phi_0's range (+-TRUNCATION px), the range of the targets:
     # unbounded, the steepening a step causes away from the zero level is punished by the L1 term
@@ -90,13 +89,8 @@ def add_levelset_rcnn_config(cfg):
     # phi_0 does. "raw": also the RoI's crop of the normalised input image at EVOLUTION_RESOLUTION
     # (3 channels, zero mean and unit std per RoI and channel), so the steps can pull the contour to
     # image edges phi_0's 28 x 28 head cannot resolve. Needs MODEL.ROI_HEADS.NAME: LevelSetROIHeads
-    # (which pools the crops). Default "none": the paper's model. Measured on DSB2018 (BENCHMARKS.md
-    # sections 2, 2b, 3): on a frozen phi_0 the steps gain +0.011 IoU over 3 seeds vs -0.002 without;
-    # trained from scratch (2 seeds), phi_N beats the same model's phi_0 by +3.8 mask AP / +4.7-5.7 AP75 /
-    # +4.2 Boundary AP (0.0 / -0.4 / +0.1 without), but phi_N's mask AP is about the paper-feature model's
-    # (40.9 / 41.6 vs 40.8; AF1 86.2 vs 83.1, box AP 35.2 / 36.0 vs 37.2). The mask branch costs 1.62x
-    # Mask R-CNN's per RoI with it, 1.46x with FEATURES_NUM_CONV 0 too (same accuracy, seed 7: 41.1),
-    # which the DSB2018 image config sets.
+    # (which pools the crops). Default "none": the paper's model. What it gains on DSB2018 (phi_N
+    # over phi_0, and against the paper-feature model) and what it costs: BENCHMARKS.md.
     cfg.MODEL.LEVELSET.IMAGE_FEATURES = "none"
     # Stop the phi_N loss gradient at phi_0 (Table 4 ablation "Detach phi_0").
     cfg.MODEL.LEVELSET.DETACH_PHI0 = False

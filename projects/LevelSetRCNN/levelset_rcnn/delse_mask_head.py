@@ -164,16 +164,25 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
         phi_n = self.evolve(phi0, outputs)
         if self.training:
-            return self.delse_losses(phi0, phi_n, outputs["motion_field"], instances)
+            return self.delse_losses(outputs, phi0, phi_n, instances)
         levelset_inference(phi_n, instances, self.loss_eps, self.return_tsdf)
         return instances
 
-    def delse_losses(self, phi0, phi_n, motion, instances) -> Dict[str, torch.Tensor]:
-        """Losses of the selected setting (see ``loss``); phi_0, phi_T (R, 1, S, S) in [-1, 1] units."""
+    def loss_names(self) -> List[str]:
+        """The keys of the loss dict of the selected setting (see ``loss``)."""
+        names = ["loss_level_set", "loss_evolution"] if self.loss == "delse" else ["loss_tsdf_initial", "loss_tsdf_final"]
+        return names + (["loss_direction"] if self.direction_loss_weight > 0 else [])
+
+    def delse_losses(self, outputs, phi0, phi_n, instances) -> Dict[str, torch.Tensor]:
+        """Losses of the selected setting (see ``loss``); outputs: of :meth:`layers`; phi_0, phi_T
+        (R, 1, S, S) in [-1, 1] units."""
         gt_masks, gt_tsdf = tsdf_targets(instances, phi0.shape[-1], self.truncation)
         if gt_masks.shape[0] == 0:
-            zero = phi0.sum() * 0 + phi_n.sum() * 0 + motion.sum() * 0
-            return {"loss_tsdf_initial": zero, "loss_tsdf_final": zero}
+            # No foreground RoI: the same keys, zeros that still touch every head (DDP expects
+            # gradients for every parameter), as LevelSetMaskHead.
+            zero = sum(v.sum() for v in outputs.values()) * 0.0
+            return {name: zero for name in self.loss_names()}
+        motion = outputs["motion_field"]
         gt_masks, gt_tsdf = gt_masks.to(phi0.device), gt_tsdf.to(phi0.device)
         self._log_accuracy(phi_n, gt_masks)
         if self.loss == "delse":

@@ -309,7 +309,6 @@ class TSDFMaskRCNNHead(nn.Module):
         loss_weight_phi0: float = 1.0,
         loss_eps: float = 0.1,
         return_tsdf: bool = False,
-        vis_period: int = 0,
     ):
         """
         Args:
@@ -333,7 +332,6 @@ class TSDFMaskRCNNHead(nn.Module):
         self.loss_weight_phi0 = loss_weight_phi0
         self.loss_eps = loss_eps
         self.return_tsdf = return_tsdf
-        self.vis_period = vis_period
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -352,7 +350,6 @@ class TSDFMaskRCNNHead(nn.Module):
             "loss_weight_phi0": ls.LOSS_WEIGHT_PHI0,
             "loss_eps": ls.LOSS_EPS,
             "return_tsdf": ls.RETURN_POLYGONS,
-            "vis_period": cfg.VIS_PERIOD,
         }
 
     def tsdf_convs(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Detectron2's ``StandardROIHeads`` passes the mask head only the pooled FPN features (14 x 14 per
 RoI). ``LevelSetMaskHead`` with ``MODEL.LEVELSET.IMAGE_FEATURES: "raw"`` also evolves on the RoI's
-image at ``EVOLUTION_RESOLUTION`` (not in the paper; BENCHMARKS.md section 2b): this subclass pools
+image at ``EVOLUTION_RESOLUTION`` (not in the paper; results in BENCHMARKS.md): this subclass pools
 that crop from the normalised input (``images.tensor``) with the same boxes as the mask pooler.
 With any other mask head it behaves exactly as ``StandardROIHeads`` (same parameters, same
 checkpoints).
@@ -22,9 +22,8 @@ __all__ = ["LevelSetROIHeads", "pool_image_crops", "with_image"]
 IMAGE_KEY = "_levelset_image"
 # RoIAlign samples per bin and axis for the image crops. 1: one bilinear sample at each bin centre,
 # i.e. the crop resampled bilinearly to S x S, as the embedding is upsampled. Exact for boxes up to S
-# px (DSB2018's nuclei: 5-40 px); larger boxes are point-sampled (no anti-aliasing). 2 (the mask
-# pooler's) costs 4x as much: 0.63 vs ~0.16 ms per RoI on 2 CPU threads, the largest part of the
-# option's cost (BENCHMARKS.md section 3).
+# px; larger boxes are point-sampled (no anti-aliasing). 2 (the mask pooler's) takes 4x the samples,
+# which dominated the option's cost (timings: BENCHMARKS.md).
 CROP_SAMPLING_RATIO = 1
 
 
