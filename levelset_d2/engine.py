@@ -43,13 +43,16 @@ class ArchitectureHooks:
     """Builders of one meta-architecture; ``None`` keeps the detection path's.
 
     build_train_loader(cfg); build_test_loader(cfg, dataset_name);
-    build_evaluator(cfg, dataset_name, output_folder) -> DatasetEvaluator.
+    build_evaluator(cfg, dataset_name, output_folder) -> DatasetEvaluator;
+    build_tta_model(cfg, model) -> the model with test-time augmentation (default Detectron2's
+    GeneralizedRCNNWithTTA).
     find_unused_parameters: for DDP, when some iterations leave trainable parameters out of the loss.
     """
 
     build_train_loader: Optional[Callable] = None
     build_test_loader: Optional[Callable] = None
     build_evaluator: Optional[Callable] = None
+    build_tta_model: Optional[Callable] = None
     find_unused_parameters: bool = False
 
 
@@ -161,7 +164,7 @@ class Trainer(DefaultTrainer):
         """Multi-scale + flip inference (cfg.TEST.AUG; LevelSet R-CNN Table 1 "MS+F"). Detectron2's
         TTA averages the RoI masks, i.e. H_eps(phi_N), over the augmentations before pasting."""
         logging.getLogger("detectron2").info("Running inference with test-time augmentation ...")
-        model = GeneralizedRCNNWithTTA(cfg, model)
+        model = (_hooks(cfg).build_tta_model or GeneralizedRCNNWithTTA)(cfg, model)
         evaluators = [
             cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
             for name in cfg.DATASETS.TEST

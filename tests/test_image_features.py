@@ -147,6 +147,45 @@ def test_roi_heads_pass_the_crops_of_the_normalised_input(coco_sample_dir):
     assert sum(float(p.grad.abs().sum()) for p in head.chan_vese_features.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.parametrize("image_features", ["none", "raw"])
+def test_tta_passes_the_image_crop_and_averages_phi_n_for_polygons(image_features, coco_sample_dir):
+    """Trainer.test_with_TTA's model (LevelSetRCNNWithTTA): with the image crop too, and pred_tsdf
+    is phi_N of the merged boxes averaged over the augmentations (here the image and its mirror
+    image, whose phi_N is flipped back), so polygons can be written."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from levelset_rcnn import LevelSetRCNNWithTTA, add_polygons
+
+    opts = (IMAGE_OPTS if image_features == "raw" else []) + [
+        "MODEL.LEVELSET.RETURN_POLYGONS", True, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+        "TEST.DETECTIONS_PER_IMAGE", 5, "TEST.AUG.FLIP", True,
+        "TEST.AUG.MIN_SIZES", (160,), "TEST.AUG.MAX_SIZE", 256]  # the image's own size: no resize
+    cfg = tiny_cfg(*opts)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    record = DatasetCatalog.get("coco_sample_val2017")[0]
+    image = torch.as_tensor(read_image(record["file_name"], format=cfg.INPUT.FORMAT).copy()).permute(2, 0, 1)
+    image = image[:, :160, :224].contiguous()
+    tta = LevelSetRCNNWithTTA(cfg, model)
+    with torch.no_grad():
+        (out,) = tta([{"image": image, "height": 160, "width": 224}])
+        inst = out["instances"]
+        assert len(inst) > 0 and inst.has("pred_tsdf") and inst.pred_masks.shape[1:] == (160, 224)
+
+        def phi_n(img, boxes):
+            dets = Instances((160, 224), pred_boxes=Boxes(boxes), pred_classes=inst.pred_classes)
+            images = model.preprocess_image([{"image": img}])
+            (res,) = model.roi_heads.forward_with_given_boxes(with_image(model.backbone(images.tensor), images), [dets])
+            return res.pred_tsdf
+
+        boxes = inst.pred_boxes.tensor
+        mirrored = torch.stack([224 - boxes[:, 2], boxes[:, 1], 224 - boxes[:, 0], boxes[:, 3]], dim=1)
+        expected = (phi_n(image, boxes) + phi_n(image.flip(-1), mirrored).flip(-1)) / 2
+    assert torch.allclose(inst.pred_tsdf, expected, atol=1e-5)
+    polygons = add_polygons(inst).pred_polygons
+    assert len(polygons) == len(inst) and any(len(p) > 0 for p in polygons)
+
+
 def test_checkpoints_are_interchangeable_and_misconfiguration_is_named():
     """LevelSetROIHeads adds no parameters: a StandardROIHeads checkpoint loads as is. A head that
     needs crops without the ROI heads that pass them fails when built, naming the key."""

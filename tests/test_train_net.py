@@ -250,7 +250,7 @@ def test_delse_meta_architecture_dispatches_to_delse(tmp_path, coco_sample_dir):
 def test_test_time_augmentation_evaluates(tmp_path, coco_sample_dir):
     """TEST.AUG (the paper's "MS+F") goes through Detectron2's TTA and its evaluators. Independent
     value: with one scale (the test size) and no flip, TTA exports the detections and reports the AP
-    of plain inference."""
+    of plain inference, and the polygons of their zero level sets (RETURN_POLYGONS)."""
     import torch
     from detectron2.modeling import build_model
     from pycocotools import mask as mask_util
@@ -261,7 +261,8 @@ def test_test_time_augmentation_evaluates(tmp_path, coco_sample_dir):
                          "TEST.AUG.MIN_SIZES", (cfg.INPUT.MIN_SIZE_TEST,), "TEST.AUG.MAX_SIZE",
                          cfg.INPUT.MAX_SIZE_TEST, "TEST.AUG.FLIP", False,
                          "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-                         "TEST.DETECTIONS_PER_IMAGE", 5, "TEST.BOUNDARY_EVAL", False])
+                         "TEST.DETECTIONS_PER_IMAGE", 5, "TEST.BOUNDARY_EVAL", False,
+                         "MODEL.LEVELSET.RETURN_POLYGONS", True])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     Trainer = _train_net_module().Trainer
@@ -276,6 +277,7 @@ def test_test_time_augmentation_evaluates(tmp_path, coco_sample_dir):
 
     a, b = load("inference_TTA"), load("inference")
     assert len(a) == len(b) == 5 * 10
+    assert all("polygons" in r for r in a + b)
     for x, y in zip(a, b):
         assert (x["image_id"], x["category_id"]) == (y["image_id"], y["category_id"])
         assert x["score"] == pytest.approx(y["score"], abs=1e-5)

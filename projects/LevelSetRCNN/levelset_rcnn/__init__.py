@@ -15,13 +15,16 @@ from .evaluation import LevelSetCOCOEvaluator
 from .mask_head import HighResMaskRCNNHead, LevelSetMaskHead, TSDFMaskRCNNHead
 from .postprocessing import add_polygons, tsdf_to_polygons
 from .roi_heads import LevelSetROIHeads
+from .tta import LevelSetRCNNWithTTA
 
 from . import backbone as _backbone  # noqa: F401  (only registration)
 
 register_config(add_levelset_rcnn_config)
 # Mask R-CNN-family models: the detection path, COCO results with sub-pixel polygons when returned.
+# Their test-time augmentation passes the image crop and keeps phi_N (polygons).
 register_meta_architecture(
-    "GeneralizedRCNN", build_evaluator=partial(build_detection_evaluator, coco_evaluator=LevelSetCOCOEvaluator)
+    "GeneralizedRCNN", build_evaluator=partial(build_detection_evaluator, coco_evaluator=LevelSetCOCOEvaluator),
+    build_tta_model=LevelSetRCNNWithTTA,
 )
 
 __all__ = [
@@ -35,4 +38,5 @@ __all__ = [
     "add_polygons",
     "tsdf_to_polygons",
     "LevelSetCOCOEvaluator",
+    "LevelSetRCNNWithTTA",
 ]
