@@ -1,5 +1,5 @@
 """The training entry point shared by every project: Detectron2's ``DefaultTrainer`` with data
-loaders and evaluators looked up by ``MODEL.META_ARCHITECTURE``.
+loaders, evaluators and test-time augmentation looked up by ``MODEL.META_ARCHITECTURE``.
 
 A project that trains a meta-architecture of its own (DELSE: one crop per instance, its own
 metrics) registers its builders with :func:`register_meta_architecture` when it is imported. Any
@@ -161,8 +161,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test_with_TTA(cls, cfg, model):
-        """Multi-scale + flip inference (cfg.TEST.AUG; LevelSet R-CNN Table 1 "MS+F"). Detectron2's
-        TTA averages the RoI masks, i.e. H_eps(phi_N), over the augmentations before pasting."""
+        """Multi-scale + flip inference (cfg.TEST.AUG; LevelSet R-CNN Table 1 "MS+F") with the
+        architecture's TTA model (default Detectron2's, which averages the RoI masks, i.e.
+        H_eps(phi_N), over the augmentations before pasting)."""
         logging.getLogger("detectron2").info("Running inference with test-time augmentation ...")
         model = (_hooks(cfg).build_tta_model or GeneralizedRCNNWithTTA)(cfg, model)
         evaluators = [
