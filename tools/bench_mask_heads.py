@@ -10,7 +10,7 @@ for ``--rounds`` calls of that head (where its time goes).
 
 Random weights and inputs (R-50 COCO configs: 256 x 14 x 14 pooled features, 80 classes, boxes of
 5-35 % of an 800 x 1216 image). Alternating the heads round by round keeps machine drift out of the
-ratios, which the per-process timings of tools/bench_speed.py cannot (BENCHMARKS.md section 3).
+ratios, which the per-process timings of tools/bench_speed.py cannot (BENCHMARKS.md section 5).
 """
 import argparse
 import time

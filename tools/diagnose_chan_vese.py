@@ -40,6 +40,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, BoxMode, pairwise_iou
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
+from levelset_d2.inference import test_time_input
 from levelset_rcnn.mask_head import LevelSetMaskHead, select_class, standardize_crops, tsdf_loss
 from levelset_rcnn.roi_heads import pool_image_crops
 
@@ -82,15 +83,14 @@ def _gt_masks(record, h, w):
 
 
 @torch.no_grad()
-def cache_image(model, record, input_format, max_rois, rng):
+def cache_image(cfg, model, record, max_rois, rng):
     """Pooled features, phi_0 (R, 1, T, T) and cropped GT masks (R, S, S) of one image's matched detections."""
-    image = read_image(record["file_name"], format=input_format)
+    image = read_image(record["file_name"], format=cfg.INPUT.FORMAT)
     h, w = image.shape[:2]
     gt_boxes, gt_masks = _gt_masks(record, h, w)
     if len(gt_masks) == 0:
         return None
-    inputs = [{"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float(), "height": h, "width": w}]
-    images = model.preprocess_image(inputs)
+    images = model.preprocess_image([test_time_input(cfg, image)[0]])  # at the test size, as DefaultPredictor
     features = model.backbone(images.tensor)
     proposals, _ = model.proposal_generator(images, features, None)
     heads = model.roi_heads
@@ -124,7 +124,7 @@ def build_cache(cfg, weights, dataset, num_images, max_rois, seed):
     records = DatasetCatalog.get(dataset)[:num_images]
     parts = {"fit": [], "held_out": []}
     for i, rec in enumerate(records):
-        c = cache_image(model, rec, cfg.INPUT.FORMAT, max_rois, rng)
+        c = cache_image(cfg, model, rec, max_rois, rng)
         if c is not None:
             parts["fit" if i % 2 == 0 else "held_out"].append(c)
     head = model.roi_heads.mask_head

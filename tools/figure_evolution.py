@@ -24,13 +24,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import levelset  # noqa: E402
+from levelset_d2.inference import test_time_input  # noqa: E402
 
 
 @torch.no_grad()
-def levelset_rcnn_detections(model, image, score_thresh=0.0):
+def levelset_rcnn_detections(cfg, model, image, score_thresh=0.0):
     """Run a LevelSet R-CNN on one image and keep every iterate of its detections' evolution.
 
     Args:
+        cfg: the model's config: the image is resized to its test size as DefaultPredictor does.
         image: (H, W, 3) uint8 in the model's input format (cfg.INPUT.FORMAT).
         score_thresh: detections below it are dropped before the mask branch.
     Returns:
@@ -43,8 +45,7 @@ def levelset_rcnn_detections(model, image, score_thresh=0.0):
 
     model.eval()
     h, w = image.shape[:2]
-    inputs = [{"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))).float(), "height": h, "width": w}]
-    images = model.preprocess_image(inputs)
+    images = model.preprocess_image([test_time_input(cfg, image)[0]])
     features = model.backbone(images.tensor)
     proposals, _ = model.proposal_generator(images, features, None)
     det = model.roi_heads(images, features, proposals, None)[0][0]
@@ -62,9 +63,9 @@ def levelset_rcnn_detections(model, image, score_thresh=0.0):
     return det, phis, hyper, scale
 
 
-def levelset_rcnn_iterates(model, image_bgr, instance=0):
+def levelset_rcnn_iterates(cfg, model, image_bgr, instance=0):
     """phi_0..phi_N (list of (S, S) arrays), hyperparameters and the box (image XYXY) of one detection."""
-    det, phis, hyper, scale = levelset_rcnn_detections(model, image_bgr)
+    det, phis, hyper, scale = levelset_rcnn_detections(cfg, model, image_bgr)
     if len(det) <= instance:
         raise ValueError(f"only {len(det)} detections; cannot show instance {instance}")
     box = det.pred_boxes.tensor[instance].cpu().numpy() * scale  # the figure crops the original image
@@ -164,7 +165,7 @@ def main():
         from detectron2.engine import DefaultPredictor
 
         model = DefaultPredictor(cfg).model
-        plot_levelset_rcnn(image, *levelset_rcnn_iterates(model, image, args.instance), args.out)
+        plot_levelset_rcnn(image, *levelset_rcnn_iterates(cfg, model, image, args.instance), args.out)
     else:
         import delse
 
