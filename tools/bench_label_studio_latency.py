@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_util
 
+from levelset.metrics import to_rle
 from levelset_d2.datasets import shared_data_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +71,7 @@ def main():
     for task_id, ann in enumerate(anns):
         im = images[ann["image_id"]]
         W, H = im["width"], im["height"]
-        seg = ann["segmentation"]
-        if isinstance(seg["counts"], list):
-            seg = mask_util.frPyObjects(seg, H, W)
-        gt = mask_util.decode(seg).astype(bool)
+        gt = mask_util.decode(to_rle(ann["segmentation"], H, W)).astype(bool)
         ys, xs = np.nonzero(gt)
         pts = [(xs[i], ys[i]) for i in (xs.argmin(), xs.argmax(), ys.argmin(), ys.argmax())]
         cy = ys.mean()
