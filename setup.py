@@ -16,11 +16,15 @@ setup(
         "delse": "projects/DELSE/delse",
     },
     entry_points={
-        "console_scripts": ["delse-serve = delse.label_studio:main"],  # the Label Studio ML backend
+        "console_scripts": [  # the Label Studio ML backends (levelset_d2.label_studio_server)
+            "delse-serve = delse.label_studio:main",  # interactive: DELSE from clicks
+            "levelset-rcnn-serve = levelset_rcnn.label_studio:main",  # pre-annotation: LevelSet R-CNN
+        ],
         "levelset_d2.config": [
             "levelset_rcnn = levelset_rcnn:add_levelset_rcnn_config",
             "delse = delse:add_delse_config",
         ],
     },
-    install_requires=["torch", "torchvision", "numpy", "scipy", "opencv-python-headless", "pycocotools"],
+    install_requires=["torch", "torchvision", "numpy", "scipy", "opencv-python-headless", "pycocotools",
+                      "flask", "waitress", "requests", "Pillow"],
 )
