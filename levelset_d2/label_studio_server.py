@@ -30,6 +30,7 @@ upstream status or tracebacks (those go to the server log).
 """
 import argparse
 import base64
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -57,6 +58,7 @@ __all__ = [
     "decode_image",
     "loader_from_args",
     "make_server",
+    "model_version_of",
     "read_label_config",
     "serve",
 ]
@@ -326,7 +328,9 @@ class ImageLoader:
             if auth and not self.api_key:
                 raise BackendError(500, "task image is served by Label Studio, which needs an API key: "
                                         "set LABEL_STUDIO_API_KEY (--api-key)")
-            headers = {"Authorization": self._authorization(refresh=refreshed)} if auth else {}
+            headers = {"Accept-Encoding": "identity"}  # the byte cap counts what is decoded
+            if auth:
+                headers["Authorization"] = self._authorization(refresh=refreshed)
             try:
                 with self._session.get(url, headers=headers, stream=True, allow_redirects=False,
                                        timeout=(min(10.0, self.timeout), self.timeout)) as r:
@@ -361,7 +365,11 @@ class ImageLoader:
         if length and length.isdigit() and int(length) > self.max_bytes:
             raise too_big
         chunks, size = [], 0
-        for chunk in response.iter_content(64 << 10):
+        while True:
+            # read1: whatever one socket read gives, so a server that dribbles meets the deadline
+            chunk = response.raw.read1(64 << 10)
+            if not chunk:
+                break
             size += len(chunk)
             if size > self.max_bytes:
                 raise too_big
@@ -441,6 +449,17 @@ class LabelStudioBackend:
         return url
 
 
+def model_version_of(model: str, weights) -> str:
+    """``<model>-<weights file stem>-<first 8 hex of its SHA-256>``, or ``<model>-untrained``."""
+    if not weights:
+        return f"{model}-untrained"
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"{model}-{Path(weights).stem}-{h.hexdigest()[:8]}"
+
+
 # ------------------------------------------------------------------------------- HTTP
 def create_app(backend: LabelStudioBackend, basic_auth: Optional[Tuple[str, str]] = None,
                max_body_bytes: int = MAX_BODY_BYTES):
@@ -475,7 +494,7 @@ def create_app(backend: LabelStudioBackend, basic_auth: Optional[Tuple[str, str]
             return {}
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             raise BackendError(400, f"{request.path}: body is not JSON")
 
     @app.get("/")

@@ -20,7 +20,6 @@ Run (see the README's "DELSE in Label Studio")::
 """
 import argparse
 import contextlib
-import hashlib
 import io
 import logging
 import threading
@@ -41,6 +40,7 @@ from levelset_d2.label_studio_server import (
     add_server_arguments,
     loader_from_args,
     make_server,
+    model_version_of,
     read_label_config,
     serve,
 )
@@ -336,17 +336,6 @@ class DELSEBackend(LabelStudioBackend):
 
 
 # ------------------------------------------------------------------------------- command line
-def model_version_of(weights):
-    """``DELSE-<file stem>-<first 8 hex of its SHA-256>``, or ``DELSE-untrained``."""
-    if not weights:
-        return "DELSE-untrained"
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"DELSE-{Path(weights).stem}-{h.hexdigest()[:8]}"
-
-
 def build_predictor(config_file, weights, device="auto", opts=()):
     """A :class:`delse.DELSEPredictor` for a config file and trained weights."""
     import torch
@@ -379,7 +368,7 @@ def main(argv=None):
     if not Path(args.weights).is_file():
         parser.error(f"--weights {args.weights}: no such file")
     predictor = build_predictor(args.config_file, args.weights, args.device, args.opts)
-    backend = DELSEBackend(predictor, model_version_of(args.weights), loader_from_args(args), output=args.output,
+    backend = DELSEBackend(predictor, model_version_of("DELSE", args.weights), loader_from_args(args), output=args.output,
                            max_clicks=args.max_clicks)
     logger.info(f"DELSE on {predictor.model.device}")
     serve(backend, args)
