@@ -282,8 +282,12 @@ class ImageLoader:
             if not path.is_relative_to(folder) or not path.is_file():
                 logger.warning(f"image URL {url!r} -> {path}: missing or outside {folder}")
                 raise not_found
-            with open(path, "rb") as f:
-                data = f.read(self.max_bytes + 1)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(self.max_bytes + 1)
+            except OSError as e:  # e.g. no permission: the same answer as missing
+                logger.warning(f"image URL {url!r} -> {path}: {e}")
+                raise not_found
             if len(data) > self.max_bytes:
                 raise BackendError(413, f"the task image is larger than this server's limit of "
                                         f"{self.max_bytes} bytes (--max-image-bytes)")
