@@ -1,8 +1,8 @@
 """Label Studio ML backend for LevelSet R-CNN: pre-annotation. Each task's image gets every
 detected instance as a ``polygonlabels`` region: the zero level set of the instance's final TSDF
 (sub-pixel, marching squares; :func:`levelset_rcnn.add_polygons`) with its class and score, for
-Label Studio's "Retrieve predictions" on a whole project (and, with "Use for interactive
-preannotations" off, on each task opened). An annotator then corrects the polygons (or clicks
+Label Studio's "Retrieve predictions" on a whole project (or on each task as it is opened, with
+the project's "Retrieve predictions when loading a task automatically"). An annotator then corrects the polygons (or clicks
 objects the model missed with DELSE, ``delse-serve``).
 
 The server (Flask app on waitress, basic auth, limits, image fetching) is the shared
