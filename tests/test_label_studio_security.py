@@ -450,6 +450,8 @@ def test_flood_of_concurrent_requests(env):
     with concurrent.futures.ThreadPoolExecutor(max_workers=100) as pool:
         statuses = list(pool.map(one, range(100)))
     assert statuses == [200, 400] * 50
+    # Served by the server's 4 worker threads, not a thread per connection.
+    assert len([t for t in threading.enumerate() if t.name.startswith("waitress-")]) == 4
     _assert_good(env)
 
 
