@@ -179,8 +179,9 @@ def test_levelset_rcnn_pre_annotates_a_label_studio_project(label_studio, weight
                      timeout=30)
         assert r.status_code == 201, r.text[:500]
         project = r.json()["id"]
-        files = [(f"shapes{i}.png", open(images / f"shapes{i}.png", "rb"), "image/png") for i in range(len(SIZES))]
-        r = api.post(f"{ls_url}/api/projects/{project}/import", files={f[0]: f for f in files}, timeout=60)
+        files = {f"shapes{i}.png": (f"shapes{i}.png", (images / f"shapes{i}.png").read_bytes(), "image/png")
+                 for i in range(len(SIZES))}
+        r = api.post(f"{ls_url}/api/projects/{project}/import", files=files, timeout=60)
         assert r.status_code == 201, r.text[:500]
         tasks = api.get(f"{ls_url}/api/tasks", params={"project": project}, timeout=30).json()["tasks"]
         assert len(tasks) == len(SIZES)
