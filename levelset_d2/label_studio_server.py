@@ -617,9 +617,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int = 9090) -> N
 
 
 def loader_from_args(args) -> ImageLoader:
-    return ImageLoader(args.label_studio_url, args.api_key, _path_map(args.path_map), args.allowed_image_host,
-                       accept_setup_credentials=args.accept_setup_credentials, max_bytes=args.max_image_bytes,
-                       max_pixels=args.max_image_pixels, timeout=args.image_timeout)
+    """The :class:`ImageLoader` of the options of :func:`add_server_arguments`."""
+    try:
+        return ImageLoader(args.label_studio_url, args.api_key, _path_map(args.path_map), args.allowed_image_host,
+                           accept_setup_credentials=args.accept_setup_credentials, max_bytes=args.max_image_bytes,
+                           max_pixels=args.max_image_pixels, timeout=args.image_timeout)
+    except ValueError as e:  # a malformed --label-studio-url or --allowed-image-host
+        raise SystemExit(str(e))
 
 
 def _is_loopback(host: str) -> bool:
