@@ -7,7 +7,8 @@ decode, the model at its test size (MIN_SIZE_TEST), the zero-level-set polygons 
 
 Timing does not need a trained model: with MODEL.WEIGHTS "" (random initialisation) and
 ``--score-thresh 0`` every one of the TEST.DETECTIONS_PER_IMAGE detections reaches the mask head
-and becomes a polygon (the worst case); with the config's threshold an untrained model may keep none.
+and becomes a polygon (the worst case); with the config's threshold an untrained model keeps some
+(how many depends on the initialisation: seed 0). The time grows with the number of detections.
 
     OMP_NUM_THREADS=2 .venv/bin/python tools/bench_levelset_rcnn_label_studio.py \\
         --config-file configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_1x_coco.yaml --score-thresh 0 \\
@@ -52,6 +53,7 @@ def main():
     if args.score_thresh is not None:
         opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.score_thresh)]
     weights = dict(zip(opts[::2], opts[1::2])).get("MODEL.WEIGHTS", "")
+    torch.manual_seed(0)  # the same random initialisation (and so detections) in every run
     predictor, names = build_predictor(args.config_file, weights, args.device, opts)
     folder = Path(args.images)
     files = sorted(f.name for f in folder.iterdir() if max(cv2.imread(str(f)).shape[:2]) == args.size)
