@@ -16,7 +16,10 @@ setup(
         "delse": "projects/DELSE/delse",
     },
     entry_points={
-        "console_scripts": ["delse-serve = delse.label_studio:main"],  # the Label Studio ML backend
+        "console_scripts": [  # the Label Studio ML backends (levelset_d2.label_studio_server)
+            "delse-serve = delse.label_studio:main",  # interactive: DELSE from clicks
+            "levelset-rcnn-serve = levelset_rcnn.label_studio:main",  # pre-annotation: LevelSet R-CNN
+        ],
         "levelset_d2.config": [
             "levelset_rcnn = levelset_rcnn:add_levelset_rcnn_config",
             "delse = delse:add_delse_config",
@@ -25,7 +28,7 @@ setup(
     # What the four packages import (requirements.txt pins the tested versions). detectron2 is not on
     # PyPI: tools/setup_env.sh installs it (README, "Setup").
     install_requires=["torch", "torchvision", "numpy", "scipy", "scikit-image", "opencv-python-headless",
-                      "pycocotools", "Pillow", "fvcore"],
+                      "pycocotools", "Pillow", "fvcore", "flask", "waitress", "requests"],
     extras_require={
         # LVIS AP (levelset_d2.evaluation) and Cityscapes instance AP (Detectron2's evaluator).
         "eval": ["lvis", "cityscapesscripts"],

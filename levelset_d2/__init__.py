@@ -15,6 +15,8 @@ never each other.
   detection evaluators.
 - :mod:`levelset_d2.engine`: the ``Trainer`` behind ``train_net.py``, with loaders and evaluators
   dispatched by meta-architecture (``register_meta_architecture``).
+- :mod:`levelset_d2.label_studio_server`: the Label Studio ML-backend server both projects' backends
+  run on (Flask on waitress, basic auth, limits, safe image fetching; not imported here).
 """
 from . import datasets  # noqa: F401  (registers the datasets)
 from .checkpoint import SafeDetectionCheckpointer

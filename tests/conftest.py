@@ -43,3 +43,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A fresh Label Studio (`make label-studio`) on localhost, shared by the end-to-end tests;
+    yields (url, personal access token, (user, password), log)."""
+    from _label_studio import start_label_studio, stop
+
+    url, pat, login, log, proc = start_label_studio(tmp_path_factory.mktemp("label_studio"))
+    try:
+        yield url, pat, login, log
+    finally:
+        stop(proc)

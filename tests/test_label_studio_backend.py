@@ -66,11 +66,9 @@ def image_dir(tmp_path_factory):
 def server(predictor, image_dir):
     backend = DELSEBackend(predictor, "DELSE-test", ImageLoader(path_map=[("/data/upload/", str(image_dir))]))
     srv = make_server(backend, "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", backend
-    srv.shutdown()
-    srv.server_close()
+    threading.Thread(target=srv.run, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.effective_port}", backend
+    srv.close()
 
 
 def _post(url, body, raw=None):
@@ -210,15 +208,18 @@ def test_bad_requests_answer_errors_and_the_server_keeps_serving(server):
         (_body(good["params"]["context"]["result"], config="<View><Image"), None, 400, "not valid XML"),
         (_body(good["params"]["context"]["result"], config=no_kp), None, 400, "KeyPointLabels"),
         (_body([{**_click(1, 2), "value": {"x": "a"}}] * 4), None, 400, "numeric 'x'"),
-        (_body(good["params"]["context"]["result"], url=dead), None, 502, dead),
+        # Not Label Studio's host nor an allowed one: refused before any connection.
+        (_body(good["params"]["context"]["result"], url=dead), None, 403, "'127.0.0.1' is not allowed"),
         (_body(good["params"]["context"]["result"], url="/data/other/1.png"), None, 500, "LABEL_STUDIO_URL"),
-        (_body(good["params"]["context"]["result"], url="/data/upload/../../etc/passwd"), None, 400, "leaves"),
-        (_body(good["params"]["context"]["result"], url="/data/upload/none.png"), None, 404, "none.png"),
+        # Outside the mapped folder and missing: one answer, no path in it.
+        (_body(good["params"]["context"]["result"], url="/data/upload/../../etc/passwd"), None, 404, "not found"),
+        (_body(good["params"]["context"]["result"], url="/data/upload/none.png"), None, 404, "not found"),
         ({**good, "tasks": [{"id": 3, "data": {"img": "x"}}]}, None, 400, "'image'"),
     ]
     for body, raw, status, words in cases:
         got, out = _post(url + "/predict", body, raw=raw)
         assert got == status and words in out["error"], (body, raw, got, out)
+        assert "/tmp" not in out["error"] and "etc/passwd" not in out["error"], out
         got, out = _post(url + "/predict", good)
         assert got == 200 and len(out["results"][0]["result"]) == 1
 
@@ -276,15 +277,21 @@ def test_image_loader_legacy_token_and_personal_access_token(fake_ls):
         # An absolute URL to the same Label Studio gets the key too.
         np.testing.assert_array_equal(loader.fetch(fake_ls + "/data/upload/1/cell.png"), _image())
     assert _FakeLabelStudio.refreshes == 1  # the access token is kept until it expires
-    for key, words in [("WRONG", "HTTP 401"), ("a.b.c", "refused LABEL_STUDIO_API_KEY")]:
+    for key, words in [("WRONG", "refused the API key"), ("a.b.c", "refused LABEL_STUDIO_API_KEY")]:
         with pytest.raises(BackendError, match=words) as e:
             ImageLoader(fake_ls, key).fetch("/data/upload/1/cell.png")
         assert e.value.status == 502
     with pytest.raises(BackendError, match="set LABEL_STUDIO_API_KEY") as e:
         ImageLoader(fake_ls).fetch("/data/upload/1/cell.png")
-    with pytest.raises(BackendError, match="HTTP 404") as e:
+    with pytest.raises(BackendError, match="did not return the task image") as e:
         ImageLoader(fake_ls, "LEGACY").fetch("/data/upload/1/other.png")
-    # Label Studio's /setup hands its URL and a token: used where none was configured.
+    # Label Studio's /setup hands its URL and a token: used only where the operator allows it and
+    # none was configured.
     loader = ImageLoader()
-    loader.use_setup_defaults(fake_ls, "LEGACY")
+    loader.use_setup_credentials(fake_ls, "LEGACY")
+    assert (loader.label_studio_url, loader.api_key) == (None, None)
+    loader = ImageLoader(accept_setup_credentials=True)
+    loader.use_setup_credentials(fake_ls, "LEGACY")
     np.testing.assert_array_equal(loader.fetch("/data/upload/1/cell.png"), _image())
+    loader.use_setup_credentials("http://127.0.0.1:1", "OTHER")  # a second /setup replaces nothing
+    assert (loader.label_studio_url, loader.api_key) == (fake_ls, "LEGACY")

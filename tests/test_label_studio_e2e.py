@@ -1,7 +1,7 @@
 """DELSE in a real Label Studio: a small DELSE R-18 nuclei model trained here, Label Studio 1.23 from
-its own venv (`make label-studio`) on SQLite in a tmp dir, the backend (`python -m
-delse.label_studio`) connected as an interactive ML backend, and the requests the browser's smart
-keypoint tool makes (`/api/ml/{id}/interactive-annotating`) on a real dsb2018 dev image uploaded
+its own venv (`make label-studio`) on SQLite in a tmp dir (tests/_label_studio.py), the backend
+(`delse-serve`) connected as an interactive ML backend with basic auth on, and the requests the
+browser's smart keypoint tool makes (`/api/ml/{id}/interactive-annotating`) on a real dsb2018 dev image uploaded
 through the REST API. With env CI set, missing shared data or Label Studio fail instead of skipping.
 
 Optional: env DELSE_LS_SCREENSHOT=<png path> also saves the returned polygon in Label Studio's
@@ -9,11 +9,8 @@ editor, rendered by headless Chromium (python package playwright + a system chro
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -22,10 +19,10 @@ import pytest
 from pycocotools import mask as mask_util
 
 from levelset_d2.datasets import shared_data_root
+from _label_studio import api_session, connect_backend, missing, start_backend, stop
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = shared_data_root()
-LS_VENV = REPO / ".venv" / "label-studio"
 CONFIG = REPO / "configs/DELSE/delse_R_18_dsb2018.yaml"
 # ~0.6 s per iteration on 2 CPU cores: about 2 minutes. Measured at 200 iterations: mIoU 0.83 on
 # the 12 objects below (the full config trains 3000).
@@ -45,43 +42,6 @@ LABEL_CONFIG = """<View>
 </View>"""
 
 pytestmark = pytest.mark.slow
-
-
-def _missing(what):
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI must run this test)")
-    pytest.skip(what)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url, proc, seconds, log):
-    import requests
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}:\n{Path(log).read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url} not up after {seconds} s:\n{Path(log).read_text()[-3000:]}")
-
-
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _gt_mask(ann, height, width):
@@ -143,7 +103,7 @@ def _distance_to(polygon_xy, point):
 def dsb2018():
     d = SHARED_DATA / "dsb2018"
     if not (d / "dev.json").exists():
-        _missing(f"dsb2018 not found at {d} (set LEVELSET_SHARED_DATA)")
+        missing(f"dsb2018 not found at {d} (set LEVELSET_SHARED_DATA)")
     return d
 
 
@@ -208,66 +168,22 @@ def trained_delse(dsb2018, request):
 
 
 @pytest.fixture(scope="session")
-def label_studio(tmp_path_factory):
-    """A fresh Label Studio on localhost; yields (url, personal access token)."""
-    import requests
-
-    exe = LS_VENV / "bin" / "label-studio"
-    if not exe.exists():
-        _missing(f"Label Studio not installed at {LS_VENV}: run `make label-studio`")
-    data = tmp_path_factory.mktemp("label_studio")
-    port = _free_port()
-    env = dict(os.environ, LABEL_STUDIO_BASE_DATA_DIR=str(data), ML_BLOCK_LOCAL_IP="false",
-               SSRF_PROTECTION_ENABLED="false",  # the ML backend's webhook is on 127.0.0.1 too
-               OMP_NUM_THREADS="1", SENTRY_DSN="", FRONTEND_SENTRY_DSN="")
-    env.pop("HOST", None)
-    log = data / "label_studio.log"
-    user, password = "delse@example.com", "delse-e2e-password"
-    proc = subprocess.Popen(
-        [str(exe), "start", "--no-browser", "--port", str(port), "--internal-host", "127.0.0.1",
-         "--data-dir", str(data), "--username", user, "--password", password],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=data, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(url + "/health", proc, 300, log)
-        s = requests.Session()
-        s.get(url + "/user/login/", timeout=30)
-        r = s.post(url + "/user/login/", data={"email": user, "password": password,
-                                              "csrfmiddlewaretoken": s.cookies.get("csrftoken")},
-                   headers={"Referer": url + "/user/login/"}, timeout=30)
-        assert r.status_code == 200, r.text[:500]
-        r = s.post(url + "/api/token/", headers={"X-CSRFToken": s.cookies.get("csrftoken"), "Referer": url}, timeout=30)
-        assert r.status_code == 201, r.text[:500]
-        yield url, r.json()["token"], (user, password), log
-    finally:
-        _stop(proc)
-
-
-@pytest.fixture(scope="session")
 def backend(trained_delse, label_studio, tmp_path_factory):
+    """``delse-serve`` (``python -m delse.label_studio``) with basic auth, as a subprocess."""
     url, pat, _, _ = label_studio
-    port = _free_port()
     log = tmp_path_factory.mktemp("delse_backend") / "backend.log"
-    env = dict(os.environ, LABEL_STUDIO_URL=url, LABEL_STUDIO_API_KEY=pat, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "delse.label_studio", "--config-file", str(CONFIG),
-         "--weights", str(trained_delse["weights"]), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    ml_url, proc = start_backend("delse.label_studio", ["--config-file", str(CONFIG), "--weights",
+                                                        str(trained_delse["weights"])], url, pat, log)
     try:
-        _wait(f"http://127.0.0.1:{port}/health", proc, 120, log)
-        yield f"http://127.0.0.1:{port}", log
+        yield ml_url, log
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_delse_in_label_studio(trained_delse, label_studio, backend, dsb2018):
-    import requests
-
     ls_url, pat, login, ls_log = label_studio
     ml_url, backend_log = backend
-    access = requests.post(ls_url + "/api/token/refresh/", json={"refresh": pat}, timeout=30).json()["access"]
-    api = requests.Session()
-    api.headers["Authorization"] = f"Bearer {access}"
+    api = api_session(ls_url, pat)
 
     r = api.post(ls_url + "/api/projects", json={"title": "DELSE nuclei", "label_config": LABEL_CONFIG}, timeout=30)
     assert r.status_code == 201, r.text[:500]
@@ -280,10 +196,7 @@ def test_delse_in_label_studio(trained_delse, label_studio, backend, dsb2018):
     assert r.status_code == 201, r.text[:500]
     task = api.get(f"{ls_url}/api/tasks", params={"project": project}, timeout=30).json()["tasks"][0]
     assert task["data"]["image"].startswith("/data/upload/")  # fetched by the backend with the PAT
-    r = api.post(ls_url + "/api/ml", json={"url": ml_url, "project": project, "is_interactive": True,
-                                           "title": "DELSE"}, timeout=60)
-    assert r.status_code == 201 and r.json()["readable_state"] == "Connected", r.text[:500]
-    ml = r.json()["id"]
+    ml = connect_backend(api, ls_url, ml_url, project, "DELSE", interactive=True)
 
     def click(x, y):  # what the smart KeyPointLabels tool sends, in percent of the image
         return {"id": f"k{len(clicks)}", "from_name": "kp", "to_name": "image", "type": "keypointlabels",

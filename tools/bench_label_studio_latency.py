@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Latency of the DELSE Label Studio backend through its HTTP path (BENCHMARKS.md, section
+"""Latency of the DELSE Label Studio backend through its HTTP path (the Flask app on waitress of
+levelset_d2.label_studio_server, with basic auth on; BENCHMARKS.md, section
 "Label Studio latency"): POST /predict bodies as Label Studio sends them, on dsb2018 dev nuclei
 clicked at their GT extreme points, images read through --path-map (no Label Studio needed).
 
@@ -13,6 +14,7 @@ Per object, three requests:
         --weights output/delse_R_18_dsb2018/model_final.pth --objects 10
 """
 import argparse
+import base64
 import json
 import os
 import shlex
@@ -50,9 +52,11 @@ def main():
     data = Path(args.data)
     backend = DELSEBackend(build_predictor(args.config_file, args.weights, args.device), "bench",
                            ImageLoader(path_map=[("/data/upload/", str(data / "images"))]))
-    server = make_server(backend, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+    auth = ("bench", "bench-pass")  # as deployed: basic auth on
+    server = make_server(backend, "127.0.0.1", 0, basic_auth=auth)
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{server.effective_port}/predict"
+    authorization = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
     config = (REPO / "tests/test_label_studio_e2e.py").read_text().split('LABEL_CONFIG = """')[1].split('"""')[0]
 
     dev = json.loads((data / "dev.json").read_text())
@@ -61,7 +65,8 @@ def main():
     anns = anns[::max(1, len(anns) // args.objects)][:args.objects]
 
     def post(body):
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json",
+                                                                             "Authorization": authorization})
         t0 = time.perf_counter()
         with urllib.request.urlopen(req, timeout=60) as r:
             out = json.loads(r.read())
@@ -98,7 +103,7 @@ def main():
     omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     print("command:", omp + " ".join(shlex.quote(a) for a in [sys.executable.replace(str(REPO) + "/", ""), *sys.argv]))
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
-    server.shutdown()
+    server.close()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ loaders and evaluator for ``train_net.py`` and the paper's PASCAL/DAVIS/Cityscap
 - :mod:`delse.interactive`: the simulated annotator and the drag encoding (section 4.4).
 - :mod:`delse.predictor`: ``DELSEPredictor`` for interactive annotation.
 - :mod:`delse.evaluation`: ``DELSEEvaluator`` (IoU, boundary F, DAVIS J/F, IoU after drags).
-- :mod:`delse.label_studio`: a Label Studio ML backend (``python -m delse.label_studio``; not
+- :mod:`delse.label_studio`: the interactive Label Studio ML backend (``delse-serve``; not
   imported here).
 
 Usage::

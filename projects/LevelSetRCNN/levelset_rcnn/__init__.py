@@ -2,7 +2,9 @@
 the mask heads (``LevelSetMaskHead``, the Mask R-CNN baselines and Table 3's ``DELSEMaskHead``),
 ``LevelSetROIHeads`` (which can pass the mask head image crops), the
 backbones, the config keys (``MODEL.LEVELSET``, ``MODEL.WRN``) and the COCO evaluator with polygons,
-so that configs resolve. Built on the core ``levelset`` and the shared layer ``levelset_d2``."""
+so that configs resolve. Built on the core ``levelset`` and the shared layer ``levelset_d2``.
+``levelset_rcnn.label_studio`` (not imported here) is the Label Studio pre-annotation backend
+(``levelset-rcnn-serve``)."""
 from functools import partial
 
 from levelset_d2.config import register_config
