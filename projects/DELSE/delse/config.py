@@ -47,7 +47,7 @@ def add_delse_config(cfg):
     # Width of each pooled bin's 1x1 conv: "psp_channels" (PSP_CHANNELS per bin, the layout of the
     # existing checkpoints) or "pspnet" (in_channels / len(PSP_BINS) per bin, as PSPNet: the 3x3
     # fusion conv then reads 2 x in_channels instead of in + 4 x PSP_CHANNELS; at R-101/512 the
-    # three branches are ~72 % of the FLOPs with the former, see tools/bench_delse_latency.py).
+    # three branches are ~72 % of the FLOPs with the former, see tools/benchmarks/bench_delse_latency.py).
     cfg.MODEL.DELSE.PSP_BIN_WIDTH = "psp_channels"
     # Norm of the heads' convs ("BN", "GN", "SyncBN", "" ...); the encoder uses MODEL.RESNETS.NORM.
     cfg.MODEL.DELSE.NORM = "BN"

@@ -16,9 +16,9 @@ noisy clicks (Table 7: each click moved by U[-n, n] x the box side).
 coco_sample.yaml), by 2-fold cross-validation over the sample's images (train on 5 images, test on
 the other 5, swap; the scores of both held-out halves are pooled), since the sample is all there is.
 
-    .venv/bin/python tools/bench_delse.py                       # the configs' budget (3000 iters)
-    .venv/bin/python tools/bench_delse.py --iters 300 --eval-instances 300 --noise 0.05 0.1
-    .venv/bin/python tools/bench_delse.py --dataset coco_sample --iters 500
+    .venv/bin/python tools/benchmarks/bench_delse.py                       # the configs' budget (3000 iters)
+    .venv/bin/python tools/benchmarks/bench_delse.py --iters 300 --eval-instances 300 --noise 0.05 0.1
+    .venv/bin/python tools/benchmarks/bench_delse.py --dataset coco_sample --iters 500
 
 Writes the table to output/bench_delse[_coco_sample]/results.md and, with --update-benchmarks, into
 BENCHMARKS.md between the markers of its section (bench_delse / bench_delse_coco_sample).
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from _benchmarks import run_train_net, update_section
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATASETS = {  # --dataset -> (the two configs, [(train dataset, test dataset)] or None: the configs')
     "dsb2018": ({"DELSE": REPO / "configs/DELSE/delse_R_18_dsb2018.yaml",
                  "Pixel-wise (DEXTR-style)": REPO / "configs/DELSE/pixel_wise_R_18_dsb2018.yaml"}, None),
@@ -162,7 +162,7 @@ def main():
     n_eval = rows[0][1]["num_instances"]
     where = ("dsb2018_dev instances" if not folds else
              f"held-out {args.dataset} instances, pooled over {len(folds)} folds by image")
-    cmd = "tools/bench_delse.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
+    cmd = "tools/benchmarks/bench_delse.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
     wall = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
     table = "\n".join([
         f"Command: `.venv/bin/python {cmd.strip()}`  ",

@@ -6,7 +6,7 @@ often the N steps help or hurt and by how much, the share of the 112 x 112 grid 
 flip, and the learned per-instance hyperparameters. It answers "is the evolution doing anything,
 and is it the right thing?" when LevelSet R-CNN and its own phi_0 row score alike.
 
-    .venv/bin/python tools/analyze_evolution.py \\
+    .venv/bin/python tools/analysis/analyze_evolution.py \\
         --config-file configs/LevelSetRCNN/levelset_rcnn_R_18_FPN_GN_dsb2018.yaml \\
         --weights output/bench_dsb2018/levelset_r-cnn/model_final.pth --dataset dsb2018_dev \\
         INPUT.MIN_SIZE_TEST 256

@@ -2,11 +2,11 @@
 # Create .venv/ at the repo root and install everything the project needs. Idempotent: a stamp
 # file records the hash of the inputs, and a second run with the same inputs does nothing.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.setup-stamp
-want=$(cat requirements.txt setup.py tools/setup_env.sh | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt setup.py tools/setup/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi

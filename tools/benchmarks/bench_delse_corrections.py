@@ -11,8 +11,8 @@ For each dataset, as the paper does with its 10 / 6 Cityscapes cities:
      simulated corrections: mIoU and boundary F at 2 px, and the mIoU at the searched threshold
      (0 corrections; the paper's protocol for every model, optimistic).
 
-    .venv/bin/python tools/bench_delse_corrections.py --iters 3000 --finetune-iters 1000 --update-benchmarks
-    .venv/bin/python tools/bench_delse_corrections.py --iters 20 --finetune-iters 10 --eval-instances 10  # smoke
+    .venv/bin/python tools/benchmarks/bench_delse_corrections.py --iters 3000 --finetune-iters 1000 --update-benchmarks
+    .venv/bin/python tools/benchmarks/bench_delse_corrections.py --iters 20 --finetune-iters 10 --eval-instances 10  # smoke
 
 Writes output/bench_delse_corrections/results.{md,json} and, with --update-benchmarks, the table
 into BENCHMARKS.md between <!-- bench_delse_corrections:begin --> and <!-- ...:end -->.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from _benchmarks import run_train_net, update_section
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs/DELSE"
 DATASETS = ("dsb2018", "coco_mval")
 BASES = {"delse": "delse_R_18_{d}_base.yaml", "pixel_wise": "pixel_wise_R_18_{d}_base.yaml"}
@@ -99,7 +99,7 @@ def table(rows, args, times):
         thr = f"{r['mIoU@best_threshold']:.1f} ({r['best_threshold']:g})" if "best_threshold" in r else "–"
         lines.append(f"| {data} ({r['num_instances']} dev objects) | {label} | " + " | ".join(miou) + " | "
                      + " | ".join(fb) + f" | {thr} |")
-    cmd = "tools/bench_delse_corrections.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
+    cmd = "tools/benchmarks/bench_delse_corrections.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
     wall = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
     return "\n".join([
         f"Command: `.venv/bin/python {cmd.strip()}`  ",

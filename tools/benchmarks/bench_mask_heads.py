@@ -2,15 +2,15 @@
 LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES "raw" (crops pooled from the image included), and
 the cheaper Chan-Vese features heads (FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0).
 
-    .venv/bin/python tools/bench_mask_heads.py [--rois 50] [--rounds 15] [--threads 2]
-    .venv/bin/python tools/bench_mask_heads.py --profile "+ image crop, no features conv" [--rois 100]
+    .venv/bin/python tools/benchmarks/bench_mask_heads.py [--rois 50] [--rounds 15] [--threads 2]
+    .venv/bin/python tools/benchmarks/bench_mask_heads.py --profile "+ image crop, no features conv" [--rois 100]
 
 ``--profile HEAD`` times nothing else: it prints ``torch.profiler``'s operator table (self CPU time)
 for ``--rounds`` calls of that head (where its time goes).
 
 Random weights and inputs (R-50 COCO configs: 256 x 14 x 14 pooled features, 80 classes, boxes of
 5-35 % of an 800 x 1216 image). Alternating the heads round by round keeps machine drift out of the
-ratios, which the per-process timings of tools/bench_speed.py cannot (BENCHMARKS.md section 5).
+ratios, which the per-process timings of tools/benchmarks/bench_speed.py cannot (BENCHMARKS.md section 5).
 """
 import argparse
 import time
@@ -25,7 +25,7 @@ from detectron2.modeling.roi_heads.mask_head import build_mask_head
 from detectron2.structures import Boxes, Instances
 from levelset_rcnn.roi_heads import pool_image_crops
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LevelSetRCNN"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "LevelSetRCNN"
 IMAGE = ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]
 NO_CONV = ["MODEL.LEVELSET.FEATURES_NUM_CONV", "0"]
 SHARED = ["MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs", *NO_CONV]

@@ -9,7 +9,7 @@ LevelSet R-CNN models give two paired rows from one backbone pass: phi_0 (``INFE
 and phi_N; every pair of rows is compared object by object (mean difference with a 95 % bootstrap
 interval, share of objects helped / hurt).
 
-    .venv/bin/python tools/eval_gt_boxes.py --json ../shared/data/coco_mval/dev.json \\
+    .venv/bin/python tools/analysis/eval_gt_boxes.py --json ../shared/data/coco_mval/dev.json \\
         --image-root ../shared/data/coco_mval/images \\
         --model "Mask R-CNN" configs/LevelSetRCNN/mask_rcnn_R_50_FPN_coco128.yaml output/mask_rcnn_R_50_FPN_coco128/model_final.pth \\
         --model "LevelSet R-CNN" configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_coco128.yaml output/levelset_rcnn_R_50_FPN_coco128/model_final.pth

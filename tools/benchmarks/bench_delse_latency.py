@@ -1,6 +1,6 @@
 """Per-object latency of DELSE's interactive predictor (paper: 160 ms per object on a GPU).
 
-    .venv/bin/python tools/bench_delse_latency.py [--config configs/DELSE/delse_R_101_pascal_sbd.yaml]
+    .venv/bin/python tools/benchmarks/bench_delse_latency.py [--config configs/DELSE/delse_R_101_pascal_sbd.yaml]
         [--objects 5] [--device cpu|cuda] [--psp-widths psp_channels pspnet]
 
 Builds the model of the config (default the paper size: ResNet-101 encoder, three PSP branches,
@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main():

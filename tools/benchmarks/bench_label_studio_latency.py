@@ -10,7 +10,7 @@ Per object, three requests:
 - the same 5 clicks replayed from scratch (predict + drag; what any request costs after another
   task or object came in between).
 
-    OMP_NUM_THREADS=2 .venv/bin/python tools/bench_label_studio_latency.py \\
+    OMP_NUM_THREADS=2 .venv/bin/python tools/benchmarks/bench_label_studio_latency.py \\
         --weights output/delse_R_18_dsb2018/model_final.pth --objects 10
 """
 import argparse
@@ -31,7 +31,7 @@ from pycocotools import mask as mask_util
 from levelset.metrics import to_rle
 from levelset_d2.datasets import shared_data_root
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main():

@@ -1,6 +1,6 @@
 """Speed and memory of LevelSet R-CNN against Mask R-CNN: same inputs, same detections, one run.
 
-    .venv/bin/python tools/bench_speed.py [--depth 50] [--dets 50] [--images 4] [--device cpu]
+    .venv/bin/python tools/benchmarks/bench_speed.py [--depth 50] [--dets 50] [--images 4] [--device cpu]
 
 Both models are R-<depth>-FPN built from the COCO configs. LevelSet R-CNN gets Mask R-CNN's
 backbone, RPN and box head weights, so both detect the same boxes; the mask branch is also timed
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {
     "mask_rcnn": REPO / "configs/LevelSetRCNN/mask_rcnn_R_50_FPN_1x_coco.yaml",
     "levelset_rcnn": REPO / "configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_1x_coco.yaml",

@@ -3,12 +3,12 @@
 LevelSet R-CNN: the RoI crop with the zero level sets of phi_0 ... phi_N and the instance's
 learned hyperparameters (lambda1, lambda2, mu, eps_n, dt_n) printed on it::
 
-    .venv/bin/python tools/figure_evolution.py levelset --config-file output/demo/config.yaml \\
+    .venv/bin/python tools/analysis/figure_evolution.py levelset --config-file output/demo/config.yaml \\
         --weights output/demo/model_final.pth --image datasets/synthetic/val/000000.png --out evolution.png
 
 DELSE (like the paper's Fig. 7): crop, initial level set, motion field, modulation map, result::
 
-    .venv/bin/python tools/figure_evolution.py delse --config-file <delse cfg> --weights <model.pth> \\
+    .venv/bin/python tools/analysis/figure_evolution.py delse --config-file <delse cfg> --weights <model.pth> \\
         --image photo.jpg --points "x,y x,y x,y x,y" --out delse.png
 
 Both use the models' own layers and ``levelset``'s evolutions; nothing is recomputed here.

@@ -5,13 +5,13 @@
 # .venv/ without its dependencies, which pin an older OpenCV than the project's. Idempotent: a stamp
 # keyed on the pinned versions and this script makes a second run return at once.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 LS_VERSION=1.23.2
 SDK_VERSION=2.1.2  # the one label-studio $LS_VERSION installs
 VENV=.venv/label-studio
 STAMP=$VENV/.setup-stamp
-want=$(echo "label-studio==$LS_VERSION label-studio-sdk==$SDK_VERSION" | cat - tools/setup_label_studio.sh | sha256sum | cut -d' ' -f1)
+want=$(echo "label-studio==$LS_VERSION label-studio-sdk==$SDK_VERSION" | cat - tools/setup/setup_label_studio.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi

@@ -5,10 +5,10 @@ Both models share the backbone (R-18-FPN with GroupNorm), schedule, seed, image 
 train split with train_net.py, then evaluated on the dev split: mask AP / AP50 / AP75, AF1, AF2,
 Boundary AP, plus LevelSet R-CNN's initial phi_0 as a third row (like the paper's Table 2).
 
-    .venv/bin/python tools/bench_dsb2018.py --parallel             # about an hour on 2 CPU cores (600 iterations)
-    .venv/bin/python tools/bench_dsb2018.py --iters 20000 --num-gpus 8 --size 512   # a GPU budget
-    .venv/bin/python tools/bench_dsb2018.py --models "TSDF head alone"   # + the ablation row (~35 min)
-    .venv/bin/python tools/bench_dsb2018.py --parallel --models "LevelSet R-CNN + image crop" \
+    .venv/bin/python tools/benchmarks/bench_levelset_rcnn.py --parallel             # about an hour on 2 CPU cores (600 iterations)
+    .venv/bin/python tools/benchmarks/bench_levelset_rcnn.py --iters 20000 --num-gpus 8 --size 512   # a GPU budget
+    .venv/bin/python tools/benchmarks/bench_levelset_rcnn.py --models "TSDF head alone"   # + the ablation row (~35 min)
+    .venv/bin/python tools/benchmarks/bench_levelset_rcnn.py --parallel --models "LevelSet R-CNN + image crop" \
         "LevelSet R-CNN + image crop, shared convs"   # IMAGE_FEATURES "raw", two features heads (~1-1.3 h)
 
 Rows of models not trained in a run come from their earlier evaluation in the same output folder
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from _benchmarks import update_section
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LS = REPO / "configs/LevelSetRCNN"
 # --suite: the models of each benchmark (rows by name; the first two are the default --models).
 SUITES = {
@@ -264,7 +264,7 @@ def main():
             lines.append(f"| {name} | {f(s, 'AP')} | {f(s, 'AP50')} | {f(s, 'AP75')} | {f(b, 'AF1')} | {f(b, 'AF2')} "
                          f"| {f(b, 'BoundaryAP')} | {f(bb, 'AP')} |")
         lines.append("")
-    cmd = "tools/bench_dsb2018.py " + shlex.join(a for a in sys.argv[1:] if a != "--update-benchmarks")
+    cmd = "tools/benchmarks/bench_levelset_rcnn.py " + shlex.join(a for a in sys.argv[1:] if a != "--update-benchmarks")
     train_times = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
     size = f"short side {args.size} px" if args.size else "the configs' image sizes"
     table = "\n".join([f"Command: `.venv/bin/python {cmd.strip()}`  ",

@@ -10,7 +10,7 @@ Timing does not need a trained model: with MODEL.WEIGHTS "" (random initialisati
 and becomes a polygon (the worst case); with the config's threshold an untrained model keeps some
 (how many depends on the initialisation: seed 0). The time grows with the number of detections.
 
-    OMP_NUM_THREADS=2 .venv/bin/python tools/bench_levelset_rcnn_label_studio.py \\
+    OMP_NUM_THREADS=2 .venv/bin/python tools/benchmarks/bench_levelset_rcnn_label_studio.py \\
         --config-file configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_1x_coco.yaml --score-thresh 0 \\
         MODEL.WEIGHTS ""
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("LEVELSET_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

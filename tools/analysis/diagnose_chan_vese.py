@@ -12,7 +12,7 @@ helped / hurt (|change| >= 0.01), the shares of pixels whose sign the steps flip
 the boundary band within 2 px of phi_0's zero level), l_TSDF of phi_0 and of phi_N, and the learned
 hyperparameters (eps in the evolution's units; dt per step).
 
-    .venv/bin/python tools/diagnose_chan_vese.py \\
+    .venv/bin/python tools/analysis/diagnose_chan_vese.py \\
         --config-file configs/LevelSetRCNN/levelset_rcnn_R_18_FPN_GN_dsb2018.yaml \\
         --weights output/bench_dsb2018/levelset_r-cnn/model_final.pth [--variants before 'new (']
 

@@ -1,6 +1,6 @@
 """Benchmarks of the shared level-set core. Prints Markdown tables for BENCHMARKS.md.
 
-    .venv/bin/python tools/bench_core.py [--device cpu|cuda] [--skip-skimage] [--only bandwidth ...]
+    .venv/bin/python tools/benchmarks/bench_core.py [--device cpu|cuda] [--skip-skimage] [--only bandwidth ...]
 
 1. ``mask_to_tsdf`` cost for R RoIs at 112x112 (the LevelSet R-CNN target size), vs SciPy in a loop.
 2. One Chan-Vese step on 50 RoIs x 64 x 112 x 112: a naive ``(F - c)^2`` implementation vs
