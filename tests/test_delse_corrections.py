@@ -281,6 +281,27 @@ def test_preview_of_a_model_without_motion_editing_is_the_full_pass(monkeypatch)
     np.testing.assert_allclose(preview.phi, full.phi, atol=1e-5)
 
 
+def test_preview_with_an_untrained_editing_block_is_the_full_pass():
+    """An untrained editing block is the identity (last conv exactly zero): a preview would return the
+    mask of before the drag. It runs the full pass instead, and says whether it can preview."""
+    from delse import DELSEPredictor
+
+    model = _build(_cfg("MODEL.DELSE.NUM_CORRECTIONS", "1", "MODEL.DELSE.CORRECTION_MODE", "motion_editing"))
+    predictor = DELSEPredictor(_cfg(), model=model)
+    assert not predictor.can_preview
+    image = (np.random.default_rng(0).random((80, 90, 3)) * 255).astype(np.uint8)
+    points = [(20, 40), (70, 42), (45, 15), (44, 66)]
+    before = predictor.predict(image, points)
+    full = predictor.correct((22, 40), (16, 40))
+    predictor.predict(image, points)
+    preview = predictor.correct((22, 40), (16, 40), preview=True)
+    assert np.abs(full.phi - before.phi).max() > 1e-3  # the drag's click changes the prediction
+    np.testing.assert_allclose(preview.phi, full.phi, atol=1e-5)
+    with torch.no_grad():
+        model.motion_editing.predictor.bias.fill_(0.1)  # a block that edits: the preview is its own pass
+    assert predictor.can_preview
+
+
 def test_interactive_split_is_by_image_deterministic_and_6_of_16():
     from delse.datasets import interactive_split
 

@@ -122,7 +122,9 @@ def paired(a: np.ndarray, b: np.ndarray, rng, n_boot=2000):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--json", required=True, help="COCO json; every annotation is one object (crowd ones skipped)")
+    ap.add_argument("--json", required=True, action="append",
+                    help="COCO json; every annotation is one object (crowd ones skipped); repeat to pool several "
+                         "files of one image folder (COCO-MVal's train.json and dev.json: all 800 objects)")
     ap.add_argument("--image-root", required=True)
     ap.add_argument("--model", nargs=3, action="append", required=True, metavar=("NAME", "CONFIG", "WEIGHTS"))
     ap.add_argument("--class-from-json", action="store_true", help="class-specific models: the json's category")
@@ -131,15 +133,14 @@ def main(argv=None):
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model (KEY VALUE ...)")
     args = ap.parse_args(argv)
 
-    coco = COCO(args.json)
-    image_ids = sorted(coco.getImgIds())
+    sets = [(coco, image_id) for coco in map(COCO, args.json) for image_id in sorted(coco.getImgIds())]
     if args.max_images:
-        image_ids = image_ids[: args.max_images]
+        sets = sets[: args.max_images]
     values, times = {}, {}
     for name, config_file, weights in args.model:
         cfg, model = load_model(config_file, weights, args.opts)
         t0 = time.perf_counter()
-        for image_id in image_ids:
+        for coco, image_id in sets:
             info = coco.loadImgs(image_id)[0]
             anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd", 0)]
             if not anns:
@@ -154,10 +155,10 @@ def main(argv=None):
                     for k in METRICS:
                         values.setdefault(name + suffix, {}).setdefault(k, []).append(m[k])
         times[name] = time.perf_counter() - t0
-        print(f"{name}: {len(image_ids)} images in {times[name]:.0f} s", flush=True)
+        print(f"{name}: {len(sets)} images in {times[name]:.0f} s", flush=True)
 
     n = len(next(iter(values.values()))["iou"])
-    lines = [f"{n} objects of `{args.json}` on their ground-truth boxes; means in percent.", "",
+    lines = [f"{n} objects of {', '.join(f'`{j}`' for j in args.json)} on their ground-truth boxes; means in percent.", "",
              "| model | mask IoU | F@1px | F@2px | Boundary IoU |", "|---|---|---|---|---|"]
     for row, v in values.items():
         lines.append(f"| {row} | " + " | ".join(f"{100 * np.mean(v[k]):.1f}" for k in METRICS) + " |")

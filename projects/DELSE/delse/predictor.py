@@ -82,6 +82,18 @@ class DELSEPredictor:
         self.heatmap_sigma = d.HEATMAP_SIGMA
         self.input_format = cfg.INPUT.FORMAT
         self._state = None
+        self._warned_preview = False
+
+    @property
+    def can_preview(self) -> bool:
+        """Whether ``correct(preview=True)`` is the editing-block-only pass: the model edits the motion
+        field and its motion-editing block was trained. The block's last conv starts at exactly zero
+        (the identity), so an untrained block would return the unchanged mask; then a preview runs
+        the full pass instead."""
+        if not self.model.edits_motion:
+            return False
+        last = self.model.motion_editing.predictor
+        return bool(last.weight.detach().abs().sum() > 0 or last.bias.detach().abs().sum() > 0)
 
     @staticmethod
     def _clip_points(points, size, what):
@@ -145,7 +157,9 @@ class DELSEPredictor:
         and the level set is re-evolved; the new click is not seen by the encoder until the next
         full pass (a later ``correct()`` without preview, which includes every drag so far). A
         model without motion editing (pixel-wise baseline, CORRECTION_MODE "clicks") has no
-        preview: its corrections act only through the click channel, so the full pass runs.
+        preview: its corrections act only through the click channel, so the full pass runs; so
+        does a model whose editing block was never trained (``can_preview`` False, logged once):
+        a preview there would return the unchanged mask.
         """
         if self._state is None:
             raise RuntimeError("call predict() before correct()")
@@ -163,7 +177,11 @@ class DELSEPredictor:
         interaction = st["interaction"]
         self.model.add_drag(interaction, (torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)))
         drags = self.model.drag_tensor([interaction], (S, S)) if self.model.edits_motion else None
-        if not (preview and self.model.edits_motion):
+        if preview and not self.can_preview and not self._warned_preview:
+            logger.warning("preview: this model's motion-editing block is untrained (or absent); running the "
+                           "full pass instead, so the drag acts through its click")
+            self._warned_preview = True
+        if not (preview and self.can_preview):
             st["branches"] = self.model.branches(st["images"], interaction["heatmap"][None, None])
         return self._finish(self.model.edit_and_upsample(st["branches"], (S, S), drags))
 
