@@ -126,7 +126,10 @@ def main(argv=None):
                     help="COCO json; every annotation is one object (crowd ones skipped); repeat to pool several "
                          "files of one image folder (COCO-MVal's train.json and dev.json: all 800 objects)")
     ap.add_argument("--image-root", required=True)
-    ap.add_argument("--model", nargs=3, action="append", required=True, metavar=("NAME", "CONFIG", "WEIGHTS"))
+    ap.add_argument("--model", nargs=3, action="append", default=[], metavar=("NAME", "CONFIG", "WEIGHTS"))
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="per-object values written by earlier runs (--output X: X.json) on the same objects, "
+                         "tabulated and compared with this run's (run one model per process, then merge)")
     ap.add_argument("--class-from-json", action="store_true", help="class-specific models: the json's category")
     ap.add_argument("--max-images", type=int, default=0, help="first N images only (a quick look)")
     ap.add_argument("--output", help="write the table (.md) and per-object values (.json) here (without suffix)")
@@ -157,6 +160,13 @@ def main(argv=None):
         times[name] = time.perf_counter() - t0
         print(f"{name}: {len(sets)} images in {times[name]:.0f} s", flush=True)
 
+    for path in args.merge:
+        earlier = json.loads(Path(path).read_text())
+        if earlier["json"] != args.json:
+            raise SystemExit(f"{path} was measured on {earlier['json']}, not {args.json}")
+        values.update(earlier["values"])
+    if not values:
+        raise SystemExit("nothing to tabulate: give --model and/or --merge")
     n = len(next(iter(values.values()))["iou"])
     lines = [f"{n} objects of {', '.join(f'`{j}`' for j in args.json)} on their ground-truth boxes; means in percent.", "",
              "| model | mask IoU | F@1px | F@2px | Boundary IoU |", "|---|---|---|---|---|"]
