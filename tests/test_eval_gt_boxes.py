@@ -45,6 +45,7 @@ def test_masks_equal_detectron2_given_boxes_inference(tool, which):
     cfg.merge_from_file(str(REPO / "configs/LevelSetRCNN/tiny_levelset_rcnn_synthetic.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 160  # boxes must be resized with the image
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 1  # class-agnostic: every box is class 0 in both paths
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     record = DatasetCatalog.get("synthetic_shapes_val")[0]
