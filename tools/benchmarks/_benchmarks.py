@@ -40,3 +40,13 @@ def run_train_net(config, opts, log_path, threads):
                 print(line.rstrip(), flush=True)
         if proc.wait() != 0:
             raise SystemExit(f"training failed ({proc.returncode}); see {log_path}")
+
+
+def print_provenance():
+    """Print the command line (with OMP_NUM_THREADS) and the machine load, for BENCHMARKS.md."""
+    import shlex
+
+    repo = str(BENCHMARKS.parent) + "/"
+    omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    print("command:", omp + " ".join(shlex.quote(a) for a in [sys.executable.replace(repo, ""), *sys.argv]))
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

@@ -16,14 +16,12 @@ Per object, three requests:
 import argparse
 import base64
 import json
-import os
-import shlex
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from _benchmarks import print_provenance
 
 import numpy as np
 from pycocotools import mask as mask_util
@@ -100,9 +98,7 @@ def main():
     med = np.median(np.asarray(rows), 0) * 1000
     print(f"\nmedian over {len(rows)} objects (torch threads {torch.get_num_threads()}, device {args.device}): "
           f"4 clicks {med[0]:.1f} ms, drag {med[1]:.1f} ms, drag replayed {med[2]:.1f} ms")
-    omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    print("command:", omp + " ".join(shlex.quote(a) for a in [sys.executable.replace(str(REPO) + "/", ""), *sys.argv]))
-    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print_provenance()
     server.close()
 
 

@@ -18,13 +18,12 @@ import argparse
 import base64
 import json
 import os
-import shlex
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from _benchmarks import print_provenance
 
 import cv2
 import numpy as np
@@ -91,9 +90,7 @@ def main():
           f"{predictor.cfg.INPUT.MAX_SIZE_TEST}): {np.median(times) * 1000:.1f} ms per image "
           f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}); polygons per image: median "
           f"{np.median(counts):.0f}")
-    omp = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    print("command:", omp + " ".join(shlex.quote(a) for a in [sys.executable.replace(str(REPO) + "/", ""), *sys.argv]))
-    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print_provenance()
     server.close()
 
 
