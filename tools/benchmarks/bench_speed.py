@@ -15,6 +15,19 @@ read, since drift between two processes' runs can exceed the difference between 
 Reports per model: inference latency per image, mask-branch time per RoI, training step time
 (batch of 2 real COCO images, forward + backward + SGD step), the share of the step spent building
 TSDF targets, and peak memory; then the ratios LevelSet R-CNN / Mask R-CNN.
+
+``--heads`` times the mask branches alone instead, in one process, alternating round by round:
+Mask R-CNN's, LevelSet R-CNN's (paper features), LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES
+"raw" (crops pooled from the image included), and the cheaper Chan-Vese features heads
+(FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0); it reports the median time per RoI and the
+ratio to Mask R-CNN's head. Random weights and inputs (R-50 COCO configs: 256 x 14 x 14 pooled
+features, 80 classes, boxes of 5-35 % of an 800 x 1216 image).
+
+    .venv/bin/python tools/benchmarks/bench_speed.py --heads [--rois 50] [--rounds 15] [--threads 2]
+    .venv/bin/python tools/benchmarks/bench_speed.py --profile "+ image crop, no features conv" [--rois 100]
+
+``--profile HEAD`` (implies ``--heads``) times nothing else: it prints ``torch.profiler``'s operator
+table (self CPU time) for ``--rounds`` calls of that head (where its time goes).
 """
 import argparse
 import json
@@ -107,6 +120,86 @@ def _ratios(seconds, prefix=""):
     """Median and range of the per-round LevelSet / Mask R-CNN ratios of ``seconds`` (name -> list)."""
     r = [l / m for l, m in zip(seconds["levelset_rcnn"], seconds["mask_rcnn"])]
     return {f"{prefix}ratio": float(np.median(r)), f"{prefix}ratio_min": min(r), f"{prefix}ratio_max": max(r)}
+
+
+# --heads: the mask branches alone. Name -> (model of CONFIGS, config overrides).
+IMAGE = ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]
+NO_CONV = ["MODEL.LEVELSET.FEATURES_NUM_CONV", "0"]
+SHARED_CONVS = ["MODEL.LEVELSET.FEATURES_INPUT", "tsdf_convs", *NO_CONV]
+HEADS = {
+    "Mask R-CNN": ("mask_rcnn", []),
+    "LevelSet R-CNN": ("levelset_rcnn", []),
+    "+ image crop": ("levelset_rcnn", IMAGE),
+    "+ image crop, shared convs": ("levelset_rcnn", IMAGE + SHARED_CONVS),
+    "+ image crop, no features conv": ("levelset_rcnn", IMAGE + NO_CONV),
+    "paper features, shared convs": ("levelset_rcnn", SHARED_CONVS),
+}
+HEADS_ROUNDS = 15  # default --rounds of --heads
+
+
+def build_head(name):
+    """The mask head ``name`` of :data:`HEADS` (random weights, eval mode) on 256 x 14 x 14 RoI features."""
+    import levelset_rcnn
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.roi_heads.mask_head import build_mask_head
+
+    model, opts = HEADS[name]
+    cfg = levelset_rcnn.get_cfg()
+    cfg.merge_from_file(str(CONFIGS[model]))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return build_mask_head(cfg, ShapeSpec(channels=256, height=14, width=14)).eval()
+
+
+def measure_heads(args):
+    """The mask heads alone, in this process, alternating round by round (machine drift hits all
+    alike); with ``--profile HEAD``, torch.profiler's operator table of that head instead."""
+    import torch
+
+    from detectron2.structures import Boxes, Instances
+    from levelset_rcnn.roi_heads import pool_image_crops
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    heads = {name: build_head(name) for name in HEADS}
+    R, (H, W) = args.rois, (800, 1216)
+    x, image = torch.randn(R, 256, 14, 14), torch.randn(1, 3, H, W)
+    g = torch.Generator().manual_seed(0)
+    wh = (torch.rand(R, 2, generator=g) * 0.3 + 0.05) * torch.tensor([W, H])
+    xy = torch.rand(R, 2, generator=g) * (torch.tensor([W, H]) - wh)
+    boxes = Boxes(torch.cat([xy, xy + wh], 1))
+    classes = torch.randint(0, 80, (R,), generator=g)
+
+    def run(name):
+        inst = Instances((H, W), pred_boxes=boxes, pred_classes=classes)
+        head = heads[name]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if getattr(head, "image_crop_resolution", 0):
+                head(x, [inst], image_crops=pool_image_crops(image, [boxes], head.image_crop_resolution))
+            else:
+                head(x, [inst])
+        return time.perf_counter() - t0
+
+    for name in heads:  # warm-up
+        run(name)
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            for _ in range(args.rounds):
+                run(args.profile)
+        print(f"{args.profile}: {R} RoIs, {args.rounds} calls, {args.threads} threads")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
+    times = {name: [] for name in heads}
+    for _ in range(args.rounds):
+        for name in heads:
+            times[name].append(run(name))
+    ms = {name: 1000 * float(np.median(t)) / R for name, t in times.items()}
+    print(f"{R} RoIs, {args.rounds} rounds, {args.threads} threads; median ms per RoI:")
+    base = ms["Mask R-CNN"]
+    for name, v in ms.items():
+        print(f"  {name}: {v:.2f} ({v / base:.2f}x Mask R-CNN)")
 
 
 def measure_interleaved(args):
@@ -266,11 +359,22 @@ def main():
                          "untrained RPN's proposals rarely overlap a GT box, so the mask head trains on few "
                          "RoIs; a low threshold (e.g. 0.05) fills the 25%% foreground quota of 512 per image, "
                          "as a trained RPN does on crowded images")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="rounds of the interleaved inference timing (both models in one process)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of the interleaved inference timing (both models in one process; default 3), "
+                         f"or with --heads of the heads' timing (default {HEADS_ROUNDS})")
+    heads = ap.add_argument_group("--heads: the mask branches alone")
+    heads.add_argument("--heads", action="store_true", help="time the mask heads alone per RoI, alternating")
+    heads.add_argument("--rois", type=int, default=50, help="RoIs per head call")
+    heads.add_argument("--threads", type=int, default=2, help="torch threads")
+    heads.add_argument("--profile", choices=list(HEADS), metavar="HEAD",
+                       help=f"profile this head instead of timing all (implies --heads); one of {list(HEADS)}")
     ap.add_argument("--measure", choices=[*CONFIGS, "interleaved"], help=argparse.SUPPRESS)
     ap.add_argument("--shared-weights", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.heads or args.profile:
+        args.rounds = HEADS_ROUNDS if args.rounds is None else args.rounds
+        return measure_heads(args)
+    args.rounds = 3 if args.rounds is None else args.rounds
     if args.images < 2:
         ap.error("--images must be at least 2 (the training step takes a batch of 2 images)")
     if args.measure == "interleaved":
