@@ -104,7 +104,7 @@ def train(config_file, opts):
     trainer = Trainer(cfg)  # builds the train loader: generates the synthetic shapes if missing
     trainer.resume_or_load(resume=False)
     trainer.train()
-    return cfg, trainer._last_eval_results or {}, (time.time() - start) / 60
+    return cfg, trainer.last_eval_results or {}, (time.time() - start) / 60
 
 
 def train_and_evaluate(args):

@@ -1,5 +1,6 @@
-"""The training entry point shared by every project: Detectron2's ``DefaultTrainer`` with data
-loaders, evaluators and test-time augmentation looked up by ``MODEL.META_ARCHITECTURE``.
+"""The training entry point shared by every project: a trainer with ``DefaultTrainer``'s interface,
+built from Detectron2's public parts (see :class:`Trainer`), whose data loaders, evaluators and
+test-time augmentation are looked up by ``MODEL.META_ARCHITECTURE``.
 
 A project that trains a meta-architecture of its own (DELSE: one crop per instance, its own
 metrics) registers its builders with :func:`register_meta_architecture` when it is imported. Any
@@ -20,11 +21,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
+from fvcore.nn.precise_bn import get_bn_modules
 
 import detectron2.utils.comm as comm
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup, hooks
-from detectron2.engine.defaults import create_ddp_model
-from detectron2.evaluation import verify_results
+from detectron2.engine import (AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model,
+                               default_setup, default_writers, hooks)
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format, verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils.logger import setup_logger
 
@@ -78,29 +80,49 @@ def ddp_kwargs(cfg, model) -> dict:
             "find_unused_parameters": _hooks(cfg).find_unused_parameters}
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with the registered loaders and evaluators, atomic checkpoints, CPU models
-    wrapped in DDP without ``device_ids``, and resumes that continue the data stream and the
-    random states."""
+# The key of the step trainer's state (optimiser, AMP scaler) in the trainer's checkpoint: DefaultTrainer's
+# checkpoint layout, so checkpoints written by DefaultTrainer (and by this Trainer before it stopped
+# deriving from it) resume here and the other way round.
+STEP_TRAINER_STATE = "_trainer"
+
+
+class Trainer(TrainerBase):
+    """The training loop of ``train_net.py``: Detectron2's ``TrainerBase`` composed from its public
+    parts, with the registered loaders and evaluators, atomic checkpoints, the DDP wrapper's
+    arguments of :func:`ddp_kwargs`, and resumes that continue the data stream and the random states.
+
+    Not a ``DefaultTrainer`` subclass: ``DefaultTrainer.__init__`` wraps the model with
+    ``create_ddp_model(model, broadcast_buffers=False)``, which passes ``device_ids=[local rank]``:
+    DistributedDataParallel rejects that for a CPU model (``train_net.py --num-gpus N`` on CPU), and
+    DELSE needs ``find_unused_parameters``. Detectron2's answer when DefaultTrainer's assumptions do
+    not hold is a ``TrainerBase`` with its own ``run_step``; this one runs each iteration with a
+    ``SimpleTrainer`` (``AMPTrainer`` with SOLVER.AMP.ENABLED), takes the model, optimiser and
+    scheduler from DefaultTrainer's public builders, and keeps DefaultTrainer's interface
+    (``build_*``, ``test``, ``resume_or_load``, ``train``, ``model``, ``optimizer``, ``scheduler``,
+    ``checkpointer``) and its checkpoint layout.
+
+    Attributes: cfg, model, data_loader, optimizer, scheduler, checkpointer, start_iter, max_iter;
+    ``step_trainer`` (the SimpleTrainer or AMPTrainer that runs one iteration), ``train_sampler``
+    (the resumable sampler, or None), ``last_eval_results`` (of the last EvalHook run, or None).
+    """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ wraps the model with create_ddp_model(model, broadcast_buffers=False),
-        # which passes device_ids=[local rank]: DistributedDataParallel rejects that for a CPU model
-        # (train_net.py --num-gpus N on CPU), and DELSE needs find_unused_parameters. Detectron2 has no
-        # hook for the wrapper's arguments, so this builds the same parts with ddp_kwargs.
-        TrainerBase.__init__(self)
+        super().__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, **ddp_kwargs(cfg, model))
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.step_trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
-        # Besides Detectron2's checkpointables: the training sampler (its seed) and the random states.
-        # The checkpointer saves atomically and runs no code on load.
+        self.last_eval_results = None
+        # Besides the model and this trainer (iteration, hooks, optimiser): the training sampler (its
+        # seed) and the random states. The checkpointer saves atomically and runs no code on load.
         self.train_sampler = data_loader.sampler if isinstance(data_loader, TrainLoader) else None
         resume_state = {"rng": RandomStates()}
         if self.train_sampler is not None:
@@ -109,8 +131,78 @@ class Trainer(DefaultTrainer):
                                                       **resume_state)
         self.register_hooks(self.build_hooks())
 
+    # The step trainer's model, loader and optimiser, as DefaultTrainer exposes them.
+    @property
+    def model(self):
+        return self.step_trainer.model
+
+    @model.setter
+    def model(self, value):
+        self.step_trainer.model = value
+
+    @property
+    def data_loader(self):
+        return self.step_trainer.data_loader
+
+    @property
+    def optimizer(self):
+        return self.step_trainer.optimizer
+
+    def run_step(self):
+        self.step_trainer.iter = self.iter
+        self.step_trainer.run_step()
+
+    def state_dict(self):
+        state = super().state_dict()
+        state[STEP_TRAINER_STATE] = self.step_trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.step_trainer.load_state_dict(state_dict[STEP_TRAINER_STATE])
+
+    def build_hooks(self):
+        """Detectron2's default hooks: timing, LR scheduling, precise BN, checkpoints (main
+        process), evaluation every TEST.EVAL_PERIOD and at the end, metrics writers (main process)."""
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0  # PreciseBN's loader: less memory and start-up time
+        precise_bn = cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model)
+        ret = [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(),
+            hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg),
+                            cfg.TEST.PRECISE_BN.NUM_ITER) if precise_bn else None,
+        ]
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+
+        def test_and_save_results():
+            self.last_eval_results = self.test(self.cfg, self.model)
+            return self.last_eval_results
+
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+        return ret
+
+    def build_writers(self):
+        """Detectron2's default metrics writers (console, metrics.json, TensorBoard)."""
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+    def train(self):
+        """Train from ``start_iter`` to ``max_iter``; the last evaluation's results (checked against
+        TEST.EXPECTED_RESULTS where given)."""
+        super().train(self.start_iter, self.max_iter)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert self.last_eval_results is not None, "No evaluation results obtained during training!"
+            verify_results(self.cfg, self.last_eval_results)
+        return self.last_eval_results
+
     def resume_or_load(self, resume=True):
-        """Detectron2's resume (model, optimiser, scheduler, AMP scaler, iteration), and then:
+        """Detectron2's resume: with ``resume`` and a ``last_checkpoint`` in OUTPUT_DIR, the model,
+        optimiser, scheduler, AMP scaler and iteration of that checkpoint; else the weights of
+        MODEL.WEIGHTS and iteration 0. After a resume:
 
         - the training sampler gets its saved seed back and skips the ``start_iter * IMS_PER_BATCH /
           world size`` indices the interrupted run consumed, so the resumed run sees the batches the
@@ -121,7 +213,9 @@ class Trainer(DefaultTrainer):
           several processes each keeps its ``SEED + rank`` seeding (only rank 0's state is saved).
           DataLoader workers (DATALOADER.NUM_WORKERS > 0) restart their random streams.
         """
-        super().resume_or_load(resume=resume)
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
         if self.start_iter == 0:  # a fresh run (or no checkpoint to resume from)
             return
         logger = logging.getLogger("detectron2")
@@ -131,6 +225,18 @@ class Trainer(DefaultTrainer):
         self.train_sampler.start = self.start_iter * (self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         logger.info(f"Resume: the train loader skips the {self.train_sampler.start} samples consumed before "
                     f"iteration {self.start_iter}")
+
+    @classmethod
+    def build_model(cls, cfg):
+        return DefaultTrainer.build_model(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return DefaultTrainer.build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return DefaultTrainer.build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -158,6 +264,24 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         build = _hooks(cfg).build_evaluator or build_detection_evaluator
         return build(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` on each of DATASETS.TEST with this class's loader and evaluator (or
+        ``evaluators``, one per test set); as ``DefaultTrainer.test``, the results by test set, or
+        the one test set's results."""
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(cfg.DATASETS.TEST)} test sets")
+        results = OrderedDict()
+        for i, name in enumerate(cfg.DATASETS.TEST):
+            evaluator = evaluators[i] if evaluators is not None else cls.build_evaluator(cfg, name)
+            results[name] = inference_on_dataset(model, cls.build_test_loader(cfg, name), evaluator)
+            if comm.is_main_process():
+                logging.getLogger("detectron2").info(f"Evaluation results for {name} in csv format:")
+                print_csv_format(results[name])
+        return next(iter(results.values())) if len(results) == 1 else results
 
     @classmethod
     def test_with_TTA(cls, cfg, model):

@@ -108,7 +108,7 @@ def test_amp_training_has_finite_losses(tmp_path, config, opts):
 
     cfg = _cfg(config, *TRAIN_OPTS, "SOLVER.AMP.ENABLED", True, "OUTPUT_DIR", str(tmp_path), *opts)
     trainer = Trainer(cfg)
-    assert isinstance(trainer._trainer, AMPTrainer)
+    assert isinstance(trainer.step_trainer, AMPTrainer)
     trainer.resume_or_load(resume=False)
     trainer.train()
     losses = _losses(trainer)
@@ -116,7 +116,7 @@ def test_amp_training_has_finite_losses(tmp_path, config, opts):
     for name, values in losses.items():
         assert np.isfinite(values).all(), (name, values)
     assert len(losses["total_loss"]) == 4
-    scale = trainer._trainer.grad_scaler.get_scale()
+    scale = trainer.step_trainer.grad_scaler.get_scale()
     assert np.isfinite(scale) and scale > 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 

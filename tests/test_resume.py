@@ -24,6 +24,7 @@ import torch
 from detectron2.data.samplers import TrainingSampler
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
 from levelset_d2.datasets import prepare_dataset
+from levelset_d2.engine import STEP_TRAINER_STATE
 from levelset_d2.resume import ResumableTrainingSampler, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,23 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert random.random() == expected[0]
     np.testing.assert_array_equal(np.random.normal(size=3), expected[1])
     assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_trainer_and_resume_read_no_private_attribute():
+    """The trainer and its resume state use Detectron2 through public names only (a Detectron2
+    release may change private state silently): no ``x._name`` or ``x.__dunder__`` attribute but
+    ``super().__init__``."""
+    import ast
+
+    def is_super_init(node):
+        return (node.attr == "__init__" and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Name) and node.value.func.id == "super")
+
+    for rel in ("levelset_d2/engine.py", "levelset_d2/resume.py"):
+        tree = ast.parse((REPO / rel).read_text())
+        private = [f"{rel}:{n.lineno} .{n.attr}" for n in ast.walk(tree)
+                   if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not is_super_init(n)]
+        assert not private, private
 
 
 def test_resumable_sampler_continues_the_training_sampler_stream_from_a_saved_seed():
@@ -105,7 +123,7 @@ def _assert_same_final_state(uninterrupted, resumed):
     # What is compared: the weights, the trainer's iteration, SGD momentum buffers and LR scheduler
     # (its hook's state), the sampler's seed and the random states.
     assert a["trainer"]["iteration"] == 5
-    assert a["trainer"]["_trainer"]["optimizer"]["state"], "no momentum buffers to compare"
+    assert a["trainer"][STEP_TRAINER_STATE]["optimizer"]["state"], "no momentum buffers to compare"
     assert "LRScheduler" in a["trainer"]["hooks"]
     keys = ("model", "trainer", "train_sampler", "rng")
     assert all(k in a for k in keys), sorted(a)
