@@ -162,16 +162,24 @@ def iopath_cache_target() -> Path:
     return Path(get_cache_dir()) / CACHE_SUBPATH
 
 
-def link_into_cache(pkl: Path) -> str:
-    target = iopath_cache_target()
+def link_into_cache(pkl: Path, target: Path = None) -> str:
+    """Point iopath's cache entry for ``DETECTRON2_URL`` at ``pkl``. A symlink there was made by this
+    function (possibly for another checkout, possibly since deleted) and is re-pointed; a regular file
+    is a real download and is left alone."""
+    target = Path(target) if target else iopath_cache_target()
     if target.is_symlink() and Path(os.readlink(target)) == pkl:
         return f"{DETECTRON2_URL} -> {pkl} (already linked at {target})"
-    if target.exists() or target.is_symlink():
+    if target.exists() and not target.is_symlink():
         return (f"{target} already exists and is not this conversion; left alone ({DETECTRON2_URL} resolves to it). "
                 f"Delete it to use {pkl} instead.")
+    previous = os.readlink(target) if target.is_symlink() else None
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(pkl)
-    return f"{DETECTRON2_URL} -> {pkl} (linked at {target})"
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(pkl)
+    os.replace(tmp, target)  # atomic: a concurrent reader sees the old or the new link, never none
+    moved = f", was {previous}" if previous else ""
+    return f"{DETECTRON2_URL} -> {pkl} (linked at {target}{moved})"
 
 
 def ensure_r50(out: Path = DEFAULT_OUT, tarball: Path = None, cache_link: bool = True, log=print) -> Path:

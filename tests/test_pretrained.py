@@ -21,7 +21,7 @@ from detectron2.modeling import build_resnet_backbone
 from detectron2.utils.file_io import PathManager
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
 from levelset_d2.datasets import shared_data_root
-from levelset_d2.pretrained import DEFAULT_OUT, DETECTRON2_URL, KERAS_BN_EPS, convert
+from levelset_d2.pretrained import DEFAULT_OUT, DETECTRON2_URL, KERAS_BN_EPS, convert, link_into_cache
 
 PKL = DEFAULT_OUT / "R-50.pkl"
 COCO_IMAGES = shared_data_root() / "coco_val2017_sample" / "images"
@@ -87,6 +87,26 @@ def test_detectron2_url_resolves_to_the_converted_file():
     if local.resolve() != PKL.resolve() and not local.is_symlink():
         pytest.skip(f"{local} is a real R-50.pkl downloaded earlier; `make pretrained` leaves it alone")
     assert local.resolve() == PKL.resolve()
+
+
+def test_cache_link_follows_the_checkout_set_up_last_and_spares_real_downloads(tmp_path):
+    # A second checkout (a CI clone, a worktree) running `make pretrained` must take the link over,
+    # also when the first checkout's file is gone; a real downloaded R-50.pkl is never replaced.
+    old, new = tmp_path / "old" / "R-50.pkl", tmp_path / "new" / "R-50.pkl"
+    for p, text in ((old, b"old"), (new, b"new")):
+        p.parent.mkdir()
+        p.write_bytes(text)
+    link = tmp_path / "cache" / "R-50.pkl"
+    link_into_cache(old, link)
+    assert link.read_bytes() == b"old"
+    old.unlink()  # the first checkout was deleted: a dangling link
+    assert "was" in link_into_cache(new, link)
+    assert link.read_bytes() == b"new" and link.resolve() == new.resolve()
+    assert "already linked" in link_into_cache(new, link)
+    link.unlink()
+    link.write_bytes(b"downloaded")
+    assert "left alone" in link_into_cache(new, link)
+    assert link.read_bytes() == b"downloaded" and not link.is_symlink()
 
 
 def test_every_backbone_tensor_is_loaded(r50):
