@@ -501,6 +501,8 @@ EXPECTED_HEADS = {
     "levelset_rcnn_R_18_FPN_GN_dsb2018.yaml": "LevelSetMaskHead",
     "ablation_tsdf_mask_rcnn_R_18_FPN_GN_dsb2018.yaml": "TSDFMaskRCNNHead",
     "levelset_rcnn_image_R_18_FPN_GN_dsb2018.yaml": "LevelSetMaskHead",
+    "levelset_rcnn_std_R_50_FPN_coco128.yaml": "LevelSetMaskHead",
+    "levelset_rcnn_std_fine_R_50_FPN_coco128.yaml": "LevelSetMaskHead",
 }
 
 
@@ -517,6 +519,10 @@ def test_paper_configs_build(name):
         assert isinstance(head.hyperparameter_head, GlobalHyperparameters) == (ls.HYPERPARAM_MODE == "global")
         assert (head.loss_weight_phi0, head.loss_weight_phin) == (ls.LOSS_WEIGHT_PHI0, ls.LOSS_WEIGHT_PHIN)
         assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+        assert (head.chan_vese_features.gain is not None) == ls.STANDARDIZE_FEATURES
+        assert head.features_pooler_resolution == ls.FEATURES_POOLER_RESOLUTION
+        if ls.FEATURES_POOLER_RESOLUTION:
+            assert model.roi_heads.features_pooler is not None
     if isinstance(head, HighResMaskRCNNHead):
         assert head.layers(torch.randn(1, 256, 14, 14)).shape[-1] == 112
     assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES

@@ -45,6 +45,10 @@ def add_levelset_rcnn_config(cfg):
     # (the paper leaves the depth to its supplement; one keeps the branch's cost moderate: its
     # measured cost is in BENCHMARKS.md).
     cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 1
+    # Width of those convs; 0: ROI_MASK_HEAD.CONV_DIM (256). With FEATURES_POOLER_RESOLUTION 28
+    # the convs run on 4x the area: EMBED_CHANNELS (64) wide they cost a quarter of a 256-wide conv
+    # at 14 x 14 rather than 4x it.
+    cfg.MODEL.LEVELSET.FEATURES_CONV_DIM = 0
     # What the Chan-Vese features head reads. "roi": the pooled RoI features (Fig. 1: three heads
     # on r_m). "tsdf_convs": the output of the initial TSDF head's ROI_MASK_HEAD.NUM_CONV convs,
     # shared, so the embedding is 4 convs deep at the cost of its deconv and 1x1 alone. With
@@ -80,6 +84,27 @@ def add_levelset_rcnn_config(cfg):
     # features pinned lambda1, lambda2 and dt at their bounds (the capped data term is too weak for
     # the steps the fit asks for); unnormalised features scale the data term freely.
     cfg.MODEL.LEVELSET.NORMALIZE_FEATURES = False
+    # Standardise the Chan-Vese embedding F per RoI and channel (zero mean, unit std over the RoI,
+    # divided by sqrt(EMBED_CHANNELS) so that |F - c|^2 summed over channels is ~1-4, the scale the
+    # HYPERPARAM_INIT starts assume), then scale each channel by a learned gain that starts at 1
+    # and never falls below FEATURES_GAIN_FLOOR (unbounded above). Raw F (False, the paper as
+    # written) starts at whatever scale the 1x1 conv's initialisation gives and gets a gradient
+    # ~ dt * delta_eps / T only in the boundary band, so its data term can stay too weak to move the
+    # contour; the floor stops training from switching the data term off by shrinking F. Not with
+    # NORMALIZE_FEATURES. Measured effect: BENCHMARKS.md ("the paper's feature path").
+    cfg.MODEL.LEVELSET.STANDARDIZE_FEATURES = False
+    # Lower bound of that per-channel gain (dimensionless; the data term scales with its square,
+    # so 0.25 keeps at least 1/16 of the starting data force).
+    cfg.MODEL.LEVELSET.FEATURES_GAIN_FLOOR = 0.25
+    # Side (bins) of the Chan-Vese features head's own RoIAlign from FEATURES_IN_FEATURE; 0: it
+    # reads the mask pooler's ROI_MASK_HEAD.POOLER_RESOLUTION (14) features, like phi_0 does (the
+    # paper's Fig. 1), so F can place no boundary finer than phi_0's. 28 from p2 (stride 4) gives
+    # F a 56 x 56 embedding after its deconv, one stride-4 cell per bin for boxes up to ~112 px.
+    # Needs MODEL.ROI_HEADS.NAME: LevelSetROIHeads (which pools it). The features head's convs
+    # then run at 4x the area: its cost is in BENCHMARKS.md.
+    cfg.MODEL.LEVELSET.FEATURES_POOLER_RESOLUTION = 0
+    # The FPN level that pooler reads (the finest, stride 4, by default).
+    cfg.MODEL.LEVELSET.FEATURES_IN_FEATURE = "p2"
     # Clamp every Chan-Vese iterate to phi_0's range (+-TRUNCATION px), the range of the targets:
     # unbounded, the steepening a step causes away from the zero level is punished by the L1 term
     # even when the mask improves.

@@ -4,7 +4,8 @@ Heads produce, per RoI, an initial TSDF phi_0, Chan-Vese hyperparameters and a C
 embedding in ``layers``; the unrolled evolution is ``levelset.chan_vese`` (the shared core), and
 targets, loss and inference are the plain functions below.
 """
-from typing import Dict, List, Tuple
+import math
+from typing import Dict, List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -96,6 +97,22 @@ def standardize_crops(crops: torch.Tensor) -> torch.Tensor:
     mean = crops.mean(dim=(2, 3), keepdim=True)
     std = crops.std(dim=(2, 3), keepdim=True).clamp_min(_CROP_MIN_STD)
     return (crops - mean) / std
+
+
+def standardize_embedding(x: torch.Tensor, raw_gain: torch.Tensor, floor: float) -> torch.Tensor:
+    """
+    (R, C, h, w) embedding -> zero mean and standard deviation ``g_c / sqrt(C)`` per RoI and channel,
+    ``g_c = floor + (1 - floor) softplus(raw_gain_c) / log 2`` (1 at ``raw_gain = 0``, never below
+    ``floor``, unbounded above). The 1 / sqrt(C) keeps ``sum_c (F_c - c)^2`` of two regions a unit
+    apart per channel at ~1-4 whatever C, the data-term scale of the HYPERPARAM_INIT starts.
+
+    Args:
+        x: (R, C, h, w) embedding; raw_gain: (C,) learned; floor: in (0, 1].
+    """
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True).clamp_min(_CROP_MIN_STD)
+    gain = floor + (1.0 - floor) * F.softplus(raw_gain) / math.log(2.0)
+    return (x - mean) / std * (gain / math.sqrt(x.shape[1])).view(1, -1, 1, 1)
 
 
 def select_class(predictions: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -246,12 +263,18 @@ class ChanVeseFeaturesHead(nn.Module):
     With ``upsample=False`` the head returns the embedding before that last, linear interpolation:
     ``levelset.chan_vese`` takes it as is and evolves on its exact bilinear upsampling without ever
     materialising C x S x S (same result, a fraction of the time and memory).
+
+    With ``gain_floor`` set, the embedding is standardised per RoI and channel and scaled by a
+    learned per-channel gain (:func:`standardize_embedding`), whose parameters live here.
     """
 
     def __init__(self, in_channels: int, conv_dims: List[int], embed_channels: int,
                  resolution: int, conv_norm: str = "", upsample: bool = True,
-                 deconv_channels: int = 0):
+                 deconv_channels: int = 0, gain_floor: Optional[float] = None):
         super().__init__()
+        # Raw per-channel gain, 0 at the start (gain 1): see standardize_embedding.
+        self.gain = None if gain_floor is None else nn.Parameter(torch.zeros(embed_channels))
+        self.gain_floor = gain_floor
         self.convs, channels = _conv_stack(in_channels, conv_dims, conv_norm)
         # By default the deconv already narrows to C channels: 4x cheaper than a C_in-wide one at
         # C = 64. Heads with very few output channels (DELSE's motion: 2, modulation: 1) pass a
@@ -267,6 +290,8 @@ class ChanVeseFeaturesHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C_in, h, w) -> (R, C, S, S), or (R, C, 2h, 2w) with ``upsample=False``."""
         x = self.embedding(F.relu(self.deconv(self.convs(x))))
+        if self.gain is not None:
+            x = standardize_embedding(x, self.gain, self.gain_floor)
         if self.upsample and x.shape[-1] != self.resolution:
             x = F.interpolate(x, size=self.resolution, mode="bilinear", align_corners=False)
         return x
@@ -390,16 +415,18 @@ class TSDFMaskRCNNHead(nn.Module):
         field = "gt_classes" if training else "pred_classes"
         return cat([getattr(i, field) for i in instances], dim=0).to(torch.int64)
 
-    def forward(self, x: torch.Tensor, instances: List[Instances], image_crops: torch.Tensor = None):
+    def forward(self, x: torch.Tensor, instances: List[Instances], **inputs: torch.Tensor):
         """
         Args:
             x: (R, C_in, h, w) RoI features of the foreground proposals (training) or detections.
-            image_crops: (R, 3, S, S) the RoIs' crops of the normalised input image, for heads with
-                ``image_crop_resolution = S`` (passed by :class:`LevelSetROIHeads`); else None.
+            inputs: what :class:`LevelSetROIHeads` pools beside ``x`` for heads that ask for it:
+                ``image_crops`` (R, 3, S, S), the RoIs' crops of the normalised input image (heads
+                with ``image_crop_resolution = S``); ``fine_features`` (R, C_in, P, P), the RoIs
+                pooled again at P from a finer FPN level (heads with ``features_pooler_resolution = P``).
         Returns:
             dict of losses in training; else ``instances`` with ``pred_masks`` (and ``pred_tsdf``).
         """
-        outputs = self.layers(x) if image_crops is None else self.layers(x, image_crops)
+        outputs = self.layers(x, **inputs)
         classes = self._classes(instances, self.training)
         phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
         phi_n = self.evolve(phi0, outputs)
@@ -465,6 +492,9 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         hyperparam_floor: float = 0.1,
         grad_eps: float = 0.1,
         normalize_features: bool = False,
+        standardize_features: bool = False,
+        features_gain_floor: float = 0.25,
+        features_pooler_resolution: int = 0,
         bound_phi: bool = True,
         image_features: str = "none",
         **kwargs,
@@ -489,6 +519,11 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             hyperparam_floor: each hyperparameter stays in [floor, 2 - floor] x its start.
             grad_eps: |grad phi| regularisation of the curvature, in the evolution's units per pixel.
             normalize_features: the Chan-Vese features have unit L2 norm per pixel.
+            standardize_features, features_gain_floor: the Chan-Vese features are standardised per
+                RoI and channel and scaled by a learned gain >= the floor (:func:`standardize_embedding`).
+            features_pooler_resolution: P > 0: the Chan-Vese features head reads the RoIs pooled
+                again at P x P from a finer FPN level (``fine_features``, passed by
+                :class:`LevelSetROIHeads`) instead of ``x``; 0: it reads ``x``.
             bound_phi: clamp every iterate to phi_0's range (+-truncation in pixels, +-1 normalised),
                 the range of the targets.
             image_features: "none" (the paper) or "raw": the RoI's image crop at S x S,
@@ -517,11 +552,21 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             )
         else:
             self.hyperparameter_head = GlobalHyperparameters(num_outputs, start=starts, floor=hyperparam_floor)
+        if normalize_features and standardize_features:
+            raise ValueError("MODEL.LEVELSET.NORMALIZE_FEATURES and STANDARDIZE_FEATURES are two ways to scale "
+                             "the Chan-Vese features: set at most one")
+        if standardize_features and not 0.0 < features_gain_floor <= 1.0:
+            raise ValueError(f"MODEL.LEVELSET.FEATURES_GAIN_FLOOR must be in (0, 1], got {features_gain_floor}")
+        if features_pooler_resolution < 0 or (features_pooler_resolution and features_input != "roi"):
+            raise ValueError("MODEL.LEVELSET.FEATURES_POOLER_RESOLUTION must be 0 or a positive size read with "
+                             f"FEATURES_INPUT 'roi', got {features_pooler_resolution} with {features_input!r}")
         self.features_input = features_input
+        self.features_pooler_resolution = features_pooler_resolution
         features_in = input_shape.channels if features_input == "roi" else self.initial_tsdf_head.deconv.in_channels
         self.chan_vese_features = ChanVeseFeaturesHead(
             features_in, list(features_conv_dims), embed_channels,
             self.evolution_resolution, kwargs.get("conv_norm", ""), upsample=False,
+            gain_floor=features_gain_floor if standardize_features else None,
         )
         self.num_steps = num_steps
         self.loss_weight_phin = loss_weight_phin
@@ -541,6 +586,10 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         if ls.IMAGE_FEATURES != "none" and not _passes_image_crops(cfg.MODEL.ROI_HEADS.NAME):
             raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES {ls.IMAGE_FEATURES!r} needs MODEL.ROI_HEADS.NAME: "
                              f"LevelSetROIHeads (which passes the image crops), got {cfg.MODEL.ROI_HEADS.NAME!r}")
+        if ls.FEATURES_POOLER_RESOLUTION and not _passes_image_crops(cfg.MODEL.ROI_HEADS.NAME):
+            raise ValueError(f"MODEL.LEVELSET.FEATURES_POOLER_RESOLUTION {ls.FEATURES_POOLER_RESOLUTION} needs "
+                             "MODEL.ROI_HEADS.NAME: LevelSetROIHeads (which pools the finer features), got "
+                             f"{cfg.MODEL.ROI_HEADS.NAME!r}")
         conv_dim = cfg.MODEL.ROI_MASK_HEAD.CONV_DIM
         ret.update(
             num_steps=ls.EVOLUTION_STEPS,
@@ -548,7 +597,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             hyperparam_mode=ls.HYPERPARAM_MODE,
             hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,
             hyperparam_fc_dim=ls.HYPERPARAM_FC_DIM,
-            features_conv_dims=[conv_dim] * ls.FEATURES_NUM_CONV,
+            features_conv_dims=[ls.FEATURES_CONV_DIM or conv_dim] * ls.FEATURES_NUM_CONV,
             features_input=ls.FEATURES_INPUT,
             loss_weight_phin=ls.LOSS_WEIGHT_PHIN,
             detach_phi0=ls.DETACH_PHI0,
@@ -558,21 +607,27 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             hyperparam_floor=ls.HYPERPARAM_FLOOR,
             grad_eps=ls.GRAD_EPS,
             normalize_features=ls.NORMALIZE_FEATURES,
+            standardize_features=ls.STANDARDIZE_FEATURES,
+            features_gain_floor=ls.FEATURES_GAIN_FLOOR,
+            features_pooler_resolution=ls.FEATURES_POOLER_RESOLUTION,
             bound_phi=ls.BOUND_PHI,
             image_features=ls.IMAGE_FEATURES,
         )
         return ret
 
-    def layers(self, x: torch.Tensor, image_crops: torch.Tensor = None) -> Dict[str, torch.Tensor]:
+    def layers(self, x: torch.Tensor, image_crops: torch.Tensor = None,
+               fine_features: torch.Tensor = None) -> Dict[str, torch.Tensor]:
         """
         Args:
             x: (R, C_in, h, w) pooled RoI features.
             image_crops: (R, 3, S, S) RoI crops of the normalised input, with IMAGE_FEATURES "raw" (ignored otherwise).
+            fine_features: (R, C_in, P, P) the RoIs pooled at P = ``features_pooler_resolution``
+                from a finer FPN level, read by the Chan-Vese features head when P > 0 (ignored otherwise).
         Returns:
             initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1] (upsampled to S after selection),
             hyperparameters: (R, 2N + 3) = lambda1, lambda2, mu, eps_1..N, dt_1..N, all positive,
                 eps in the evolution's units (pixels of the S x S grid by default),
-            chan_vese_features: (R, C, 2h, 2w), standing for its bilinear upsampling to S x S
+            chan_vese_features: (R, C, 2h, 2w) (2P x 2P from fine features), standing for its bilinear upsampling to S x S
                 (``levelset.chan_vese`` evolves on that upsampling exactly, without building it);
                 unit L2 norm per pixel with ``normalize_features``;
             image_features (with image crops): (R, 3, S, S) standardised crops, further Chan-Vese
@@ -583,8 +638,14 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             got = None if image_crops is None else tuple(image_crops.shape)
             raise ValueError(f"MODEL.LEVELSET.IMAGE_FEATURES 'raw' needs (R, 3, {S}, {S}) image crops, got {got} "
                              "(MODEL.ROI_HEADS.NAME: LevelSetROIHeads passes them)")
+        P = self.features_pooler_resolution
+        if P and (fine_features is None or fine_features.shape[1:] != (x.shape[1], P, P)):
+            got = None if fine_features is None else tuple(fine_features.shape)
+            raise ValueError(f"MODEL.LEVELSET.FEATURES_POOLER_RESOLUTION {P} needs (R, {x.shape[1]}, {P}, {P}) "
+                             f"fine features, got {got} (MODEL.ROI_HEADS.NAME: LevelSetROIHeads pools them)")
         convs = self.tsdf_convs(x)
-        features = self.chan_vese_features(convs if self.features_input == "tsdf_convs" else x)
+        source = fine_features if P else (convs if self.features_input == "tsdf_convs" else x)
+        features = self.chan_vese_features(source)
         if self.normalize_features:
             features = F.normalize(features, dim=1, eps=1e-6)
         outputs = {
