@@ -269,7 +269,9 @@ def test_deform_conv_cuda_equals_cpu(modulated):
     outputs = {}
     for device in ("cpu", "cuda"):
         m = copy.deepcopy(layer).to(device)
-        xi = x.to(device).requires_grad_(True)
+        # A fresh leaf per device: x.to('cpu') is x itself, and once x requires grad, x.to('cuda') is
+        # not a leaf (its .grad stays None).
+        xi = x.detach().to(device).clone().requires_grad_(True)
         y = m(xi)
         (y * torch.linspace(-1, 1, y.numel(), device=device).view_as(y)).sum().backward()
         outputs[device] = [y, xi.grad, m.weight.grad, m.conv_offset.weight.grad]

@@ -57,6 +57,11 @@ SUITES = {
         "Mask R-CNN": LS / "mask_rcnn_R_50_FPN_coco128.yaml",
         "LevelSet R-CNN": LS / "levelset_rcnn_R_50_FPN_coco128.yaml",
         "LevelSet R-CNN + image crop": LS / "levelset_rcnn_image_R_50_FPN_coco128.yaml",
+        # Issue #21 item 4: the paper's feature path with F standardised (learned floored gain), and
+        # with F also read from p2 pooled at 28 x 28 (MODEL.LEVELSET.STANDARDIZE_FEATURES and
+        # FEATURES_POOLER_RESOLUTION; config.py says why).
+        "LevelSet R-CNN, standardised F": LS / "levelset_rcnn_std_R_50_FPN_coco128.yaml",
+        "LevelSet R-CNN, standardised F from p2 at 28": LS / "levelset_rcnn_std_fine_R_50_FPN_coco128.yaml",
     },
 }
 CONFIGS = {}  # the chosen suite's (main() sets it)

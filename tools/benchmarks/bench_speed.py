@@ -19,7 +19,8 @@ TSDF targets, and peak memory; then the ratios LevelSet R-CNN / Mask R-CNN.
 ``--heads`` times the mask branches alone instead, in one process, alternating round by round:
 Mask R-CNN's, LevelSet R-CNN's (paper features), LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES
 "raw" (crops pooled from the image included), and the cheaper Chan-Vese features heads
-(FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0); it reports the median time per RoI and the
+(FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0), and the standardised Chan-Vese features, alone and read
+from p2 pooled at 28 x 28 (that RoIAlign itself not timed); on ``--device``; it reports the median time per RoI and the
 ratio to Mask R-CNN's head. Random weights and inputs (R-50 COCO configs: 256 x 14 x 14 pooled
 features, 80 classes, boxes of 5-35 % of an 800 x 1216 image).
 
@@ -133,11 +134,16 @@ HEADS = {
     "+ image crop, shared convs": ("levelset_rcnn", IMAGE + SHARED_CONVS),
     "+ image crop, no features conv": ("levelset_rcnn", IMAGE + NO_CONV),
     "paper features, shared convs": ("levelset_rcnn", SHARED_CONVS),
+    # Issue #21 item 4: F standardised; and read from p2 pooled again at 28 x 28 (64-wide convs).
+    "standardised F": ("levelset_rcnn", ["MODEL.LEVELSET.STANDARDIZE_FEATURES", "True"]),
+    "standardised F from p2 at 28": ("levelset_rcnn", [
+        "MODEL.LEVELSET.STANDARDIZE_FEATURES", "True", "MODEL.ROI_HEADS.NAME", "LevelSetROIHeads",
+        "MODEL.LEVELSET.FEATURES_POOLER_RESOLUTION", "28", "MODEL.LEVELSET.FEATURES_CONV_DIM", "64"]),
 }
 HEADS_ROUNDS = 15  # default --rounds of --heads
 
 
-def build_head(name):
+def build_head(name, device="cpu"):
     """The mask head ``name`` of :data:`HEADS` (random weights, eval mode) on 256 x 14 x 14 RoI features."""
     import levelset_rcnn
     from detectron2.layers import ShapeSpec
@@ -146,8 +152,8 @@ def build_head(name):
     model, opts = HEADS[name]
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(str(CONFIGS[model]))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return build_mask_head(cfg, ShapeSpec(channels=256, height=14, width=14)).eval()
+    cfg.merge_from_list(["MODEL.DEVICE", device, *opts])
+    return build_mask_head(cfg, ShapeSpec(channels=256, height=14, width=14)).to(device).eval()
 
 
 def measure_heads(args):
@@ -160,24 +166,30 @@ def measure_heads(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    heads = {name: build_head(name) for name in HEADS}
+    dev = args.device
+    heads = {name: build_head(name, dev) for name in HEADS}
     R, (H, W) = args.rois, (800, 1216)
-    x, image = torch.randn(R, 256, 14, 14), torch.randn(1, 3, H, W)
+    x, image = torch.randn(R, 256, 14, 14, device=dev), torch.randn(1, 3, H, W, device=dev)
+    fine = torch.randn(R, 256, 28, 28, device=dev)  # the p2 RoIAlign LevelSetROIHeads adds (pooler not timed)
     g = torch.Generator().manual_seed(0)
     wh = (torch.rand(R, 2, generator=g) * 0.3 + 0.05) * torch.tensor([W, H])
     xy = torch.rand(R, 2, generator=g) * (torch.tensor([W, H]) - wh)
-    boxes = Boxes(torch.cat([xy, xy + wh], 1))
-    classes = torch.randint(0, 80, (R,), generator=g)
+    boxes = Boxes(torch.cat([xy, xy + wh], 1).to(dev))
+    classes = torch.randint(0, 80, (R,), generator=g).to(dev)
 
     def run(name):
         inst = Instances((H, W), pred_boxes=boxes, pred_classes=classes)
         head = heads[name]
+        inputs = {}
+        if getattr(head, "image_crop_resolution", 0):
+            inputs["image_crops"] = pool_image_crops(image, [boxes], head.image_crop_resolution)
+        if getattr(head, "features_pooler_resolution", 0):
+            inputs["fine_features"] = fine
+        _sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
-            if getattr(head, "image_crop_resolution", 0):
-                head(x, [inst], image_crops=pool_image_crops(image, [boxes], head.image_crop_resolution))
-            else:
-                head(x, [inst])
+            head(x, [inst], **inputs)
+        _sync(dev)
         return time.perf_counter() - t0
 
     for name in heads:  # warm-up
@@ -196,7 +208,7 @@ def measure_heads(args):
         for name in heads:
             times[name].append(run(name))
     ms = {name: 1000 * float(np.median(t)) / R for name, t in times.items()}
-    print(f"{R} RoIs, {args.rounds} rounds, {args.threads} threads; median ms per RoI:")
+    print(f"{R} RoIs, {args.rounds} rounds, device {dev}, {args.threads} threads; median ms per RoI:")
     base = ms["Mask R-CNN"]
     for name, v in ms.items():
         print(f"  {name}: {v:.2f} ({v / base:.2f}x Mask R-CNN)")
