@@ -64,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--stop-iou", type=float, default=0.90, help="the annotator stops at this IoU (default: %(default)s)")
     ap.add_argument("--preview", action="store_true", help="corrections through correct(preview=True)")
     ap.add_argument("--max-objects", type=int, default=0, help="that many objects, evenly spaced (default: all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ap.add_argument("--output", help="write the table (.md) and per-object IoU curves (.json) here (without suffix)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every model (KEY VALUE ...)")
     args = ap.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv=None):
     for name, config_file, weights in args.model:
         cfg = get_cfg()
         cfg.merge_from_file(config_file)
-        cfg.merge_from_list(["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", *args.opts])
+        cfg.merge_from_list(["MODEL.WEIGHTS", weights, "MODEL.DEVICE", args.device, *args.opts])
         predictor = DELSEPredictor(cfg)
         results, t0 = [], time.perf_counter()
         for path, coco, ann in objects:
