@@ -67,6 +67,8 @@ VARIANTS = {
     # input, standardised per RoI and channel) beside the head's embedding (upsampled from 14 x 14).
     "new + image crop (raw)": ({"IMAGE_FEATURES": "raw"}, {"MODEL.ROI_HEADS.NAME": "LevelSetROIHeads"}, "half_pixel"),
     "new + image crop (3x3 conv, 16 ch)": ({}, {}, "half_pixel"),
+    # Issue #21 item 4: the paper's embedding standardised per RoI and channel, learned floored gain.
+    "new + standardised F": ({"STANDARDIZE_FEATURES": True}, {}, "half_pixel"),
 }
 # The raw crop is the head's own MODEL.LEVELSET.IMAGE_FEATURES "raw"; the conv variant exists only here:
 # a trainable 3x3 conv of the standardised crop (16 channels) concatenated to the upsampled embedding.

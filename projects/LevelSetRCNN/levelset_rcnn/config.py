@@ -91,7 +91,7 @@ def add_levelset_rcnn_config(cfg):
     # written) starts at whatever scale the 1x1 conv's initialisation gives and gets a gradient
     # ~ dt * delta_eps / T only in the boundary band, so its data term can stay too weak to move the
     # contour; the floor stops training from switching the data term off by shrinking F. Not with
-    # NORMALIZE_FEATURES. Measured effect: BENCHMARKS.md ("the paper's feature path").
+    # NORMALIZE_FEATURES. Measured effect: BENCHMARKS.md, "Ground-truth boxes" (issue #21 item 4).
     cfg.MODEL.LEVELSET.STANDARDIZE_FEATURES = False
     # Lower bound of that per-channel gain (dimensionless; the data term scales with its square,
     # so 0.25 keeps at least 1/16 of the starting data force).
