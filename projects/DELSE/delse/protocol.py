@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from levelset.metrics import boundary_f_measure
+from levelset.metrics import boundary_f_measure, mask_to_boundary
 
 __all__ = ["Correction", "ProtocolResult", "next_correction", "number_of_interactions", "run_protocol",
            "summarize"]
@@ -61,11 +61,8 @@ class ProtocolResult:
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with one of their 8 neighbours outside it (pixels beyond the image count
-    as outside)."""
-    m = mask.astype(np.uint8)
-    eroded = cv2.erode(np.pad(m, 1), np.ones((3, 3), np.uint8))[1:-1, 1:-1]
-    return mask & (eroded == 0)
+    """1-pixel inner boundary, pixels beyond the image counting as outside."""
+    return mask_to_boundary(mask, 1, border_is_boundary=True)
 
 
 def _nearest(points_yx: np.ndarray, target_yx: np.ndarray) -> np.ndarray:
@@ -100,7 +97,7 @@ def next_correction(pred: np.ndarray, gt: np.ndarray, min_area: int = 1) -> Opti
     else:
         # Predicted boundary pixels of the false region: its pixels next to the outside of the mask.
         outer = np.argwhere(_boundary(pred) & region).astype(np.float64)
-        if len(outer) == 0:  # the region touches no boundary pixel of pred (cannot happen for 8-conn.)
+        if len(outer) == 0:  # a filled hole of the GT: the region lies inside pred, off its boundary
             outer = np.argwhere(region).astype(np.float64)
         dist_to_gt = cv2.distanceTransform((~gt).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         from_yx = outer[int(dist_to_gt[outer[:, 0].astype(int), outer[:, 1].astype(int)].argmax())]
