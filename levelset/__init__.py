@@ -7,7 +7,7 @@ AF1/AF2, Boundary IoU and Boundary AP, DAVIS J/F) and ``levelset.synthetic`` (th
 """
 from .evolution import chan_vese, chan_vese_energy, delse_evolve, sign_flips
 from .functional import curvature, dirac, divergence, divergence_xy, gradient, gradient_norm, gradient_xy, heaviside, norm_xy
-from .tsdf import direction_field, mask_to_tsdf, signed_distance
+from .tsdf import direction_field, enforce_drag, mask_to_tsdf, signed_distance
 
 __all__ = [
     "chan_vese",
@@ -18,6 +18,7 @@ __all__ = [
     "dirac",
     "divergence",
     "divergence_xy",
+    "enforce_drag",
     "gradient",
     "gradient_norm",
     "gradient_xy",

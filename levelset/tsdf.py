@@ -117,3 +117,44 @@ def direction_field(masks, truncation=None):
     g = gradient(dt, "central")
     norm = g.norm(dim=1, keepdim=True)
     return torch.where(norm > 1e-6, -g / norm.clamp_min(1e-6), torch.zeros_like(g))
+
+
+def enforce_drag(phi, src, dst, radius):
+    """
+    One drag-and-drop correction enforced on a level set: its zero level is moved through ``dst``.
+
+    The annotator drags the wrong boundary point ``src`` to ``dst``, where the boundary belongs. When
+    ``dst`` is outside (``phi(dst) <= 0``), the object grows by a capsule of ``radius`` around the
+    segment from ``src`` towards ``dst`` whose far end touches ``dst`` (union: ``max(phi, radius - d)``);
+    when it is inside, the capsule is cut away (difference: ``min(phi, d - radius)``), ``d`` being each
+    pixel's distance to the segment (the union and difference of signed distances). Pixels farther than
+    ``radius`` from the segment stay on their side of the zero level, and the result is again a
+    distance-like function (in pixels) near the edit.
+
+    Args:
+        phi: (..., H, W) level set, positive inside, in pixels (pixel (i, j) at x = j, y = i).
+        src, dst: (2,) (x, y) in the same pixels.
+        radius: capsule radius, pixels (> 0).
+    Returns:
+        the edited level set, phi's shape and dtype.
+    """
+    if radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    H, W = phi.shape[-2:]
+    src = torch.as_tensor(src, dtype=torch.float32, device=phi.device)
+    dst = torch.as_tensor(dst, dtype=torch.float32, device=phi.device)
+    delta = dst - src
+    length = float(delta.norm())
+    if length == 0:
+        return phi
+    u = delta / length
+    a, b = src, src + u * max(length - radius, 0.0)  # the capsule ends `radius` short of dst: its rim passes dst
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=phi.device),
+                            torch.arange(W, dtype=torch.float32, device=phi.device), indexing="ij")
+    p = torch.stack([xs, ys], dim=-1)
+    ab = b - a
+    t = ((p - a) @ ab / ab.dot(ab)).clamp(0, 1) if float(ab.dot(ab)) > 0 else torch.zeros_like(xs)
+    d = (p - (a + t[..., None] * ab)).norm(dim=-1).to(phi.dtype)
+    jx, iy = int(round(min(max(float(dst[0]), 0), W - 1))), int(round(min(max(float(dst[1]), 0), H - 1)))
+    outside = bool(phi[..., iy, jx].flatten()[0] <= 0)
+    return torch.maximum(phi, radius - d) if outside else torch.minimum(phi, d - radius)

@@ -17,7 +17,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["SafeDetectionCheckpointer", "safe_pickle_load", "UnsafeCheckpointError"]
+__all__ = ["SafeDetectionCheckpointer", "read_pkl_checkpoint", "safe_pickle_load", "UnsafeCheckpointError"]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -97,17 +97,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if not filename.endswith(".pkl"):
             return super()._load_file(filename)  # .pth/.pyth and URL queries, through _torch_load
         with self.path_manager.open(filename, "rb") as f:
-            try:
-                data = safe_pickle_load(io.BytesIO(f.read()))
-            except UnsafeCheckpointError as e:
-                raise UnsafeCheckpointError(f"{filename}: {e}") from None
-        if "model" in data and "__author__" in data:  # Detectron2 model-zoo format
-            self.logger.info(f"Reading a file from '{data['__author__']}'")
-            return data
-        # Caffe2 / Detectron1 model zoo: weights under "blobs" (detection models) or at the top.
-        data = data.get("blobs", data)
-        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
-        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+            data = read_pkl_checkpoint(f, filename)
+        self.logger.info(f"Reading a file from '{data['__author__']}'")
+        return data
 
     def _torch_load(self, f):
         try:
@@ -116,3 +108,27 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             raise UnsafeCheckpointError(
                 f"{f} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it ({e}). "
                 "Re-save it as a state_dict, or load it yourself if you trust its source.") from None
+
+
+def read_pkl_checkpoint(f, name: str) -> dict:
+    """
+    A model-zoo ``.pkl`` checkpoint (Detectron2's format, or Caffe2 / Detectron1 blobs) read without
+    executing code (:func:`safe_pickle_load`).
+
+    Args:
+        f: the open binary file.
+        name: its name, for error messages.
+    Returns:
+        ``{"model": {name: array}, "__author__": ..., ...}`` as Detectron2's checkpointer reads it
+        (Caffe2 weights with ``matching_heuristics``).
+    """
+    try:
+        data = safe_pickle_load(io.BytesIO(f.read()))
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{name}: {e}") from None
+    if "model" in data and "__author__" in data:  # Detectron2 model-zoo format
+        return data
+    # Caffe2 / Detectron1 model zoo: weights under "blobs" (detection models) or at the top.
+    data = data.get("blobs", data)
+    data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}

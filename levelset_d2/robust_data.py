@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from detectron2.data import DatasetMapper, build_detection_test_loader
 from detectron2.data import detection_utils as utils
@@ -78,7 +78,7 @@ def read_image(file_name, format="BGR"):
     Returns:
         (H, W, 3) uint8 array in ``format`` ("BGR" or "RGB"; other PIL modes as Detectron2 does).
     """
-    image = utils._apply_exif_orientation(_open(file_name))
+    image = ImageOps.exif_transpose(_open(file_name))  # upright as the camera held it, like Detectron2
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # PIL's convert("RGB") clips these at 255: rescale by the dtype's range instead.
         array = np.asarray(image)

@@ -2,30 +2,21 @@
 RoI and channel with a learned, floored gain (MODEL.LEVELSET.STANDARDIZE_FEATURES), and F read from
 the RoIs pooled again at 28 x 28 from p2 (MODEL.LEVELSET.FEATURES_POOLER_RESOLUTION)."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torchvision.ops import roi_align
 
 import levelset
-import levelset_rcnn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
+from _configs import tiny_cfg
 from levelset_rcnn.mask_head import LevelSetMaskHead, hyperparameter_starts, standardize_embedding
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LevelSetRCNN"
 FINE_OPTS = ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.FEATURES_POOLER_RESOLUTION", 28,
              "MODEL.LEVELSET.STANDARDIZE_FEATURES", True]
-
-
-def tiny_cfg(*opts):
-    cfg = levelset_rcnn.get_cfg()
-    cfg.merge_from_file(str(CONFIGS / "tiny_levelset_rcnn_coco_sample.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
 
 
 def test_standardised_embedding_has_the_gain_as_its_spread_and_never_less_than_the_floor():

@@ -1,28 +1,19 @@
 """MODEL.LEVELSET.IMAGE_FEATURES "raw": LevelSetROIHeads pools each RoI's crop of the normalised
 input and the Chan-Vese steps evolve on it beside the head's embedding (not in the paper)."""
-from pathlib import Path
 
 import pytest
 import torch
 
 import levelset
-import levelset_rcnn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from _configs import tiny_cfg
 from levelset_rcnn.mask_head import LevelSetMaskHead, standardize_crops
 from levelset_rcnn.roi_heads import pool_image_crops, with_image
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "LevelSetRCNN"
 IMAGE_OPTS = ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]
-
-
-def tiny_cfg(*opts):
-    cfg = levelset_rcnn.get_cfg()
-    cfg.merge_from_file(str(CONFIGS / "tiny_levelset_rcnn_coco_sample.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
 
 
 def test_pool_image_crops_samples_the_box_at_pixel_centres():

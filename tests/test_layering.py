@@ -69,22 +69,16 @@ def test_each_projects_tests_import_only_that_project():
 # of the projects); _benchmarks.py, shared by both projects' benchmarks, imports neither.
 TOOLS = REPO / "tools"
 SHARED_TOOLS = {"_benchmarks.py"}
-# Scripts that still draw figures of both projects (tools/analysis/figure_evolution.py: one figure per
-# project, one command).
-TOOLS_SERVING_BOTH = {"figure_evolution.py"}
 
 
 def test_tools_import_at_most_one_project():
     bad = []
     for path in sorted(TOOLS.rglob("*.py")):
         projects = imported_packages(path) & {"levelset_rcnn", "delse"}
-        allowed = 0 if path.name in SHARED_TOOLS else 2 if path.name in TOOLS_SERVING_BOTH else 1
+        allowed = 0 if path.name in SHARED_TOOLS else 1
         if len(projects) > allowed:
             bad.append(f"{path.relative_to(REPO)} imports {sorted(projects)}")
     assert not bad, "\n".join(bad)
-    # The exceptions are real (remove a name from TOOLS_SERVING_BOTH once its script is split).
-    for name in TOOLS_SERVING_BOTH:
-        assert imported_packages(TOOLS / "analysis" / name) >= {"levelset_rcnn", "delse"}, name
 
 
 def _run_without(blocked: str, code: str, tmp_path):

@@ -63,6 +63,11 @@ SUITES = {
         "LevelSet R-CNN, standardised F": LS / "levelset_rcnn_std_R_50_FPN_coco128.yaml",
         "LevelSet R-CNN, standardised F from p2 at 28": LS / "levelset_rcnn_std_fine_R_50_FPN_coco128.yaml",
     },
+    # DSB2018 nuclei from ImageNet R-50-FPN (`make pretrained`), Detectron2's R-50 recipe at a CPU budget.
+    "dsb2018_r50": {
+        "Mask R-CNN": LS / "mask_rcnn_R_50_FPN_dsb2018.yaml",
+        "LevelSet R-CNN": LS / "levelset_rcnn_R_50_FPN_dsb2018.yaml",
+    },
 }
 CONFIGS = {}  # the chosen suite's (main() sets it)
 # Overrides of a model beside its config file (and the run's own).

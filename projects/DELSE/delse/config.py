@@ -107,6 +107,16 @@ def add_delse_config(cfg):
     cfg.MODEL.DELSE.CORRECTION_MODE = "motion_editing"
     # Simulated corrections at test time; the evaluator reports IoU after 0..N of them.
     cfg.MODEL.DELSE.TEST_NUM_CORRECTIONS = 2
+    # Not in the paper: each drag also enforced on the level set itself (levelset.enforce_drag: the
+    # object grows by, or loses, a capsule from the dragged point whose rim passes the drop point),
+    # on phi_0 before the evolution ("phi0"), on phi_T after it ("result"), on both, or not ("none",
+    # the paper: a drag acts only through the network's inputs). Training-free; with motion editing
+    # and clicks alike (not the pixel-wise baseline). Measured in BENCHMARKS.md (DELSE corrections).
+    cfg.MODEL.DELSE.DRAG_EDIT = "none"
+    # Capsule radius: this fraction of the drag's length (0.5: the capsule is as wide as the drag is long),
+    # at least DRAG_EDIT_MIN_RADIUS input pixels (2: a short drag still moves a visible strip).
+    cfg.MODEL.DELSE.DRAG_EDIT_RADIUS = 0.5
+    cfg.MODEL.DELSE.DRAG_EDIT_MIN_RADIUS = 2.0
     # Motion-editing block: residual 3x3 convs of this width, then a 2-channel conv.
     cfg.MODEL.DELSE.EDIT_NUM_CONVS = 6
     cfg.MODEL.DELSE.EDIT_CHANNELS = 128

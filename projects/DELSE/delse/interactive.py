@@ -7,10 +7,13 @@ import levelset
 
 from .data import points_heatmap
 
-__all__ = ["simulate_correction", "drag_channels", "boundary_pixels", "sample_num_corrections", "CORRECTION_MODES"]
+__all__ = ["simulate_correction", "drag_channels", "boundary_pixels", "sample_num_corrections", "CORRECTION_MODES",
+           "DRAG_EDITS"]
 
 # MODEL.DELSE.CORRECTION_MODE: Table 8's two rows.
 CORRECTION_MODES = ("motion_editing", "clicks")
+# MODEL.DELSE.DRAG_EDIT: where a drag is also enforced geometrically (levelset.enforce_drag).
+DRAG_EDITS = ("none", "phi0", "result", "both")
 
 
 def sample_num_corrections(num_samples, max_corrections, sampling="uniform", generator=None):

@@ -16,7 +16,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, b
 from detectron2.utils.events import get_event_storage
 
 from .data import paste_to_image, points_heatmap
-from .interactive import CORRECTION_MODES, drag_channels, sample_num_corrections, simulate_correction
+from .interactive import CORRECTION_MODES, DRAG_EDITS, drag_channels, sample_num_corrections, simulate_correction
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +72,16 @@ def _init_stem_from_weights(encoder, weights):
     ``.pth`` checkpoints hold the 4-channel stem and are left to the checkpointer."""
     if not weights or not weights.endswith(".pkl"):
         return
-    from levelset_d2.checkpoint import SafeDetectionCheckpointer
+    from detectron2.utils.file_io import PathManager
+    from levelset_d2.checkpoint import read_pkl_checkpoint
 
-    checkpointer = SafeDetectionCheckpointer(nn.Module())
     try:
-        local = checkpointer.path_manager.get_local_path(weights)  # downloads a URL once (cached)
+        local = PathManager.get_local_path(weights)  # downloads a URL once (cached)
     except OSError as e:  # offline: the checkpointer's own load reports it when it runs
         logger.warning(f"DELSE: cannot read {weights} to initialise the stem ({e}); it starts random")
         return
-    loaded = checkpointer._load_file(local)
+    with open(local, "rb") as f:
+        loaded = read_pkl_checkpoint(f, weights)
     if copy_rgb_stem(encoder.stem.conv1, loaded.get("model", loaded)):
         logger.info(f"DELSE: stem RGB filters copied from {weights}, extreme-point plane set to zero "
                     "(DEXTR); the checkpointer then skips the 3-channel stem")
@@ -227,6 +228,9 @@ class DELSE(nn.Module):
         correction_sampling="uniform",
         correction_mode="motion_editing",
         test_num_corrections=0,
+        drag_edit="none",
+        drag_edit_radius=0.5,
+        drag_edit_min_radius=2.0,
         heatmap_sigma=10.0,
     ):
         super().__init__()
@@ -265,6 +269,14 @@ class DELSE(nn.Module):
         self.correction_sampling = correction_sampling
         self.correction_mode = correction_mode
         self.test_num_corrections = int(test_num_corrections)
+        if drag_edit not in DRAG_EDITS:
+            raise ValueError(f"MODEL.DELSE.DRAG_EDIT must be one of {DRAG_EDITS}, got {drag_edit!r}")
+        if drag_edit != "none" and (drag_edit_radius < 0 or drag_edit_min_radius <= 0):
+            raise ValueError("MODEL.DELSE.DRAG_EDIT_RADIUS must be >= 0 and DRAG_EDIT_MIN_RADIUS > 0, got "
+                             f"{drag_edit_radius} and {drag_edit_min_radius}")
+        self.drag_edit = drag_edit
+        self.drag_edit_radius = float(drag_edit_radius)
+        self.drag_edit_min_radius = float(drag_edit_min_radius)
         self.heatmap_sigma = float(heatmap_sigma)
         # Parts that this configuration never trains get no gradients (and DDP no unused
         # parameters): the editing block without simulated corrections, and switched-off branches.
@@ -322,6 +334,9 @@ class DELSE(nn.Module):
             "correction_sampling": d.CORRECTION_SAMPLING,
             "correction_mode": d.CORRECTION_MODE,
             "test_num_corrections": d.TEST_NUM_CORRECTIONS,
+            "drag_edit": d.DRAG_EDIT,
+            "drag_edit_radius": d.DRAG_EDIT_RADIUS,
+            "drag_edit_min_radius": d.DRAG_EDIT_MIN_RADIUS,
             "heatmap_sigma": cfg.INPUT.DELSE.HEATMAP_SIGMA,
         }
 
@@ -524,6 +539,30 @@ class DELSE(nn.Module):
         """(N, 2, S, S) motion-editing channels of every sample's drags so far."""
         return torch.stack([drag_channels(s["drags"], size, self.device) for s in states])
 
+    def enforce_drags(self, phi, states):
+        """(N, 1, S, S) level sets (pixels) with each sample's drags so far enforced in turn
+        (``levelset.enforce_drag``; capsule radius DRAG_EDIT_RADIUS x the drag's length, at least
+        DRAG_EDIT_MIN_RADIUS px)."""
+        out = []
+        for p, s in zip(phi, states):
+            for src, dst in s["drags"]:
+                length = float((torch.as_tensor(dst) - torch.as_tensor(src)).float().norm())
+                p = levelset.enforce_drag(p, src, dst, max(self.drag_edit_min_radius, self.drag_edit_radius * length))
+            out.append(p)
+        return torch.stack(out) if out else phi
+
+    def evolve_corrected(self, terms, states):
+        """phi_T after the corrections in ``states``: the evolution of the (edited) terms, with the
+        drags enforced on phi_0 and / or on phi_T as MODEL.DELSE.DRAG_EDIT says (not in the paper)."""
+        phi0 = terms["phi0"]
+        editing = self.drag_edit != "none" and not self.pixel_wise
+        if editing and self.drag_edit in ("phi0", "both"):
+            phi0 = self.enforce_drags(phi0, states)
+        phi = self.evolve(phi0, terms["motion"], terms["modulation"])
+        if editing and self.drag_edit in ("result", "both"):
+            phi = self.enforce_drags(phi, states)
+        return phi
+
     def corrected_terms(self, images, states):
         """Re-run the network with every sample's corrections (heatmap, and the drag channels with
         motion editing): the full pass of section 4.4."""
@@ -558,7 +597,7 @@ class DELSE(nn.Module):
                     self.add_drag(s, drag)
                     s["last_drag"] = drag
                 terms = self.corrected_terms(images, states)
-                phi = self.evolve(terms["phi0"], terms["motion"], terms["modulation"])
+                phi = self.evolve_corrected(terms, states)
                 for i, (x, s) in enumerate(zip(batched_inputs, states)):
                     r = self._result(terms, i, phi, x)
                     r["drag"] = s["last_drag"]

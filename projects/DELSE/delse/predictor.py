@@ -186,9 +186,9 @@ class DELSEPredictor:
         return self._finish(self.model.edit_and_upsample(st["branches"], (S, S), drags))
 
     def _finish(self, terms):
-        phi = self.model.evolve(terms["phi0"], terms["motion"], terms["modulation"])[0, 0]
-        phi = phi.float().cpu().numpy()
         st = self._state
+        phi = self.model.evolve_corrected(terms, [st["interaction"]])[0, 0]
+        phi = phi.float().cpu().numpy()
         H, W = st["size"]
         polys = crop_polygons(phi, st["crop_box"])
         st["result"] = DELSEResult(

@@ -80,7 +80,7 @@ def add_levelset_rcnn_config(cfg):
     # the in-band gradient. (1e-3 is the normalized behaviour before this key existed.)
     cfg.MODEL.LEVELSET.GRAD_EPS = 0.1
     # Unit L2 norm per pixel for the Chan-Vese features, so |F - c|^2 <= 4 and mu is on the data
-    # term's scale. Off: on the diagnostic (tools/analysis/diagnose_chan_vese.py, BENCHMARKS.md) unit
+    # term's scale. Off: on the diagnostic (tools/analysis/evolution.py frozen-phi0, BENCHMARKS.md) unit
     # features pinned lambda1, lambda2 and dt at their bounds (the capped data term is too weak for
     # the steps the fit asks for); unnormalised features scale the data term freely.
     cfg.MODEL.LEVELSET.NORMALIZE_FEATURES = False

@@ -115,10 +115,24 @@ class LevelSetROIHeads(StandardROIHeads):
         if self.training:
             instances, _ = select_foreground_proposals(instances, self.num_classes)
         boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
+        x, inputs = self.mask_head_inputs(features, boxes)
+        return self.mask_head(x, instances, **inputs)
+
+    def mask_head_inputs(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]):
+        """
+        What the mask head reads for these boxes (the analysis tools call it to rerun the head).
+
+        Args:
+            features: the backbone's features, with the image (:func:`with_image`) when the head uses crops.
+            boxes: per image, XYXY boxes in the input's pixels.
+        Returns:
+            (x, inputs): x (R, C, P, P) the mask pooler's RoI features; inputs the head's keyword
+            arguments: ``image_crops`` (R, 3, S, S) and / or ``fine_features`` (R, C, P', P') when it uses them.
+        """
         x = self.mask_pooler([features[f] for f in self.mask_in_features], boxes)
         inputs = {}
         if self._wants_image():
             inputs["image_crops"] = pool_image_crops(features[IMAGE_KEY], boxes, self.mask_head.image_crop_resolution)
         if self._wants_fine_features():
             inputs["fine_features"] = self.features_pooler([features[self.features_in_feature]], boxes)
-        return self.mask_head(x, instances, **inputs)
+        return x, inputs
