@@ -119,12 +119,12 @@ def direction_field(masks, truncation=None):
     return torch.where(norm > 1e-6, -g / norm.clamp_min(1e-6), torch.zeros_like(g))
 
 
-def enforce_drag(phi, src, dst, radius):
+def enforce_drag(phi, src, dst, radius, grow=None):
     """
     One drag-and-drop correction enforced on a level set: its zero level is moved through ``dst``.
 
     The annotator drags the wrong boundary point ``src`` to ``dst``, where the boundary belongs. When
-    ``dst`` is outside (``phi(dst) <= 0``), the object grows by a capsule of ``radius`` around the
+    ``dst`` is outside (``phi(dst) <= 0``, or ``grow``), the object grows by a capsule of ``radius`` around the
     segment from ``src`` towards ``dst`` whose far end touches ``dst`` (union: ``max(phi, radius - d)``);
     when it is inside, the capsule is cut away (difference: ``min(phi, d - radius)``), ``d`` being each
     pixel's distance to the segment (the union and difference of signed distances). Pixels farther than
@@ -135,6 +135,8 @@ def enforce_drag(phi, src, dst, radius):
         phi: (..., H, W) level set, positive inside, in pixels (pixel (i, j) at x = j, y = i).
         src, dst: (2,) (x, y) in the same pixels.
         radius: capsule radius, pixels (> 0).
+        grow: True to grow, False to cut; None decides from ``phi`` at ``dst``. Pass the decision
+            taken on the level set the annotator saw when re-applying a drag to a later one.
     Returns:
         the edited level set, phi's shape and dtype.
     """
@@ -156,5 +158,6 @@ def enforce_drag(phi, src, dst, radius):
     t = ((p - a) @ ab / ab.dot(ab)).clamp(0, 1) if float(ab.dot(ab)) > 0 else torch.zeros_like(xs)
     d = (p - (a + t[..., None] * ab)).norm(dim=-1).to(phi.dtype)
     jx, iy = int(round(min(max(float(dst[0]), 0), W - 1))), int(round(min(max(float(dst[1]), 0), H - 1)))
-    outside = bool(phi[..., iy, jx].flatten()[0] <= 0)
-    return torch.maximum(phi, radius - d) if outside else torch.minimum(phi, d - radius)
+    if grow is None:
+        grow = bool(phi[..., iy, jx].flatten()[0] <= 0)
+    return torch.maximum(phi, radius - d) if grow else torch.minimum(phi, d - radius)

@@ -80,3 +80,35 @@ def test_malicious_pkl_is_refused_and_model_zoo_pkl_loads(tmp_path):
     SafeDetectionCheckpointer(model).load(str(good))
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), state[k])
+
+
+def test_cpu_inference_preparation_keeps_the_outputs():
+    """levelset_d2.inference.prepare_for_cpu_inference folds frozen BatchNorm into the convs and makes the
+    weights channels-last: the R-50-FPN backbone's outputs are those of the unprepared model (with
+    BatchNorm statistics that are not the identity, so a wrong fold shows)."""
+    import copy
+
+    from detectron2.layers import FrozenBatchNorm2d
+    from detectron2.modeling import build_backbone
+    from _configs import tiny_cfg
+    from levelset_d2.inference import fold_frozen_batchnorm, prepare_for_cpu_inference
+
+    cfg = tiny_cfg(config="mask_rcnn_R_50_FPN_coco128.yaml")
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg).eval()
+    for m in backbone.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.weight.copy_(torch.rand(n) + 0.5)
+            m.bias.copy_(torch.randn(n))
+            m.running_mean.copy_(torch.randn(n))
+            m.running_var.copy_(torch.rand(n) + 0.1)
+    prepared = prepare_for_cpu_inference(copy.deepcopy(backbone))
+    assert fold_frozen_batchnorm(prepared) == 0  # all folded already: 53 convs of R-50 carry a norm
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in prepared.modules())
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected, got = backbone(x), prepared(x)
+    for k in expected:
+        scale = expected[k].abs().max()
+        assert torch.allclose(got[k], expected[k], rtol=0, atol=1e-4 * float(scale)), k

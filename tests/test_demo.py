@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_trains_evaluates_and_draws_both_models(tmp_path):
+def test_demo_trains_evaluates_and_draws_both_models(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     cmd = [sys.executable, "demo.py", "--iters", "2", "--num-overlays", "2", "--output", str(out),
            "--delse-opts", "SOLVER.MAX_ITER", "3", "MODEL.DELSE.PRETRAIN_ITERS", "1", "SOLVER.STEPS", "(2,)"]
@@ -28,7 +28,7 @@ def test_demo_trains_evaluates_and_draws_both_models(tmp_path):
     # The DELSE pictures show the GT contour and the red clicks (whatever the 3-iteration model does).
     import numpy as np
 
-    sys.path.insert(0, str(REPO))
+    monkeypatch.syspath_prepend(str(REPO))  # undone after the test
     from demo import CLICK_BGR, GT_BGR
 
     image = cv2.imread(str(pictures[0]))

@@ -503,7 +503,7 @@ class DELSE(nn.Module):
                     continue
                 drag = simulate_correction(phi_last[i], gt_mask[i])
                 if drag is not None:
-                    self.add_drag(state[i], drag)
+                    self.add_drag(state[i], drag, phi_last[i])
                     dragged.append(i)
             active = dragged
             if not active:
@@ -525,12 +525,20 @@ class DELSE(nn.Module):
         """Interaction state of one sample: its extreme-point heatmap and the drags so far."""
         return {"heatmap": heatmap, "drags": []}
 
-    def add_drag(self, state, drag):
+    def add_drag(self, state, drag, phi=None):
         """Record a drag: its target joins the extreme-point channel (as DEXTR's extra clicks);
-        with motion editing the drag itself also enters the two drag channels."""
+        with motion editing the drag itself also enters the two drag channels. ``phi``: the (S, S)
+        level set the annotator corrected; whether the drag grows the object (its target outside
+        phi) is kept for MODEL.DELSE.DRAG_EDIT (decided then, not on a later, edited phi)."""
         if drag is None:
             return
         state["drags"].append(drag)
+        grows = None
+        if phi is not None:
+            S = phi.shape[-1]
+            x, y = (min(max(int(round(float(v))), 0), S - 1) for v in drag[1])
+            grows = bool(phi[..., y, x].flatten()[0] <= 0)
+        state.setdefault("grows", []).append(grows)
         S = state["heatmap"].shape[-2:]
         click = points_heatmap(drag[1][None], S, self.heatmap_sigma).to(state["heatmap"])
         state["heatmap"] = torch.maximum(state["heatmap"], click)
@@ -545,9 +553,10 @@ class DELSE(nn.Module):
         DRAG_EDIT_MIN_RADIUS px)."""
         out = []
         for p, s in zip(phi, states):
-            for src, dst in s["drags"]:
+            for (src, dst), grows in zip(s["drags"], s.get("grows", [None] * len(s["drags"]))):
                 length = float((torch.as_tensor(dst) - torch.as_tensor(src)).float().norm())
-                p = levelset.enforce_drag(p, src, dst, max(self.drag_edit_min_radius, self.drag_edit_radius * length))
+                p = levelset.enforce_drag(p, src, dst, max(self.drag_edit_min_radius, self.drag_edit_radius * length),
+                                          grow=grows)
             out.append(p)
         return torch.stack(out) if out else phi
 
@@ -594,7 +603,7 @@ class DELSE(nn.Module):
             for _ in range(self.test_num_corrections):
                 for s, p, gt in zip(states, phi[:, 0], gt_mask):
                     drag = simulate_correction(p, gt)
-                    self.add_drag(s, drag)
+                    self.add_drag(s, drag, p)
                     s["last_drag"] = drag
                 terms = self.corrected_terms(images, states)
                 phi = self.evolve_corrected(terms, states)

@@ -175,7 +175,8 @@ class DELSEPredictor:
         src, dst = points_to_crop(drag, st["crop_box"], S)
         device = self.model.device
         interaction = st["interaction"]
-        self.model.add_drag(interaction, (torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)))
+        self.model.add_drag(interaction, (torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device)),
+                            torch.from_numpy(st["result"].phi))
         drags = self.model.drag_tensor([interaction], (S, S)) if self.model.edits_motion else None
         if preview and not self.can_preview and not self._warned_preview:
             logger.warning("preview: this model's motion-editing block is untrained (or absent); running the "

@@ -162,13 +162,16 @@ class LevelSetRCNNBackend(LabelStudioBackend):
         return regions
 
 
-def build_predictor(config_file, weights, device="auto", opts=()):
-    """(DefaultPredictor returning ``pred_tsdf``, class names) for a LevelSet R-CNN config."""
+def build_predictor(config_file, weights, device="auto", opts=(), fast_cpu=True):
+    """(DefaultPredictor returning ``pred_tsdf``, class names) for a LevelSet R-CNN config. On the CPU
+    with ``fast_cpu`` its model is :func:`levelset_d2.inference.prepare_for_cpu_inference`'s (frozen
+    BatchNorm folded, channels-last weights: the same outputs up to float rounding, ~10 % faster)."""
     import torch
     from detectron2.data import MetadataCatalog
     from detectron2.engine import DefaultPredictor
 
     import levelset_rcnn
+    from levelset_d2.inference import prepare_for_cpu_inference
 
     cfg = levelset_rcnn.get_cfg()
     cfg.merge_from_file(str(config_file))
@@ -179,7 +182,10 @@ def build_predictor(config_file, weights, device="auto", opts=()):
     cfg.freeze()
     datasets = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
     names = MetadataCatalog.get(datasets[0]).get("thing_classes", None) if datasets else None
-    return DefaultPredictor(cfg), list(names or [str(i) for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)])
+    predictor = DefaultPredictor(cfg)
+    if fast_cpu and cfg.MODEL.DEVICE == "cpu":
+        prepare_for_cpu_inference(predictor.model)
+    return predictor, list(names or [str(i) for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)])
 
 
 def main(argv=None):
