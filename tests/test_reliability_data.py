@@ -184,8 +184,8 @@ def test_many_instances_tiny_rois_and_large_images_train(tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def test_train_loader_of_train_net_runs_past_bad_files(tmp_path, caplog, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))  # undone after the test
+def test_train_loader_of_train_net_runs_past_bad_files(tmp_path, caplog):
+    sys.path.insert(0, str(REPO))
     try:
         from levelset_d2 import engine
     finally:

@@ -100,7 +100,7 @@ def _register_tiny_dataset(tmp_path, n=4):
 
 
 def test_nan_loss_stops_the_run_naming_the_term_and_iteration(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))  # undone after the test
+    sys.path.insert(0, str(REPO))
     try:
         from levelset_d2 import engine
     finally:

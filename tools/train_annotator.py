@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""A ready annotator: train DELSE on real photos and print the `delse-serve` line that serves it in Label Studio.
+
+By default the ImageNet R-50 DELSE of `configs/DELSE/delse_R_50_coco128.yaml` (`make pretrained` first) on
+coco128-seg's instances; with --json / --image-root, on your own COCO-json instance annotations instead
+(every non-crowd object is a training sample; categories are ignored: DELSE segments whatever the clicks
+mark). The run is train_net.py's (resumable with --resume, multi-GPU with --num-gpus); at the end the
+command prints how to serve the model, with each drag enforced on the contour (MODEL.DELSE.DRAG_EDIT
+"result", BENCHMARKS.md section 7b).
+
+    .venv/bin/python tools/train_annotator.py --num-gpus 8                       # coco128-seg, the config's budget
+    .venv/bin/python tools/train_annotator.py --json my/train.json --image-root my/images \\
+        --output-dir output/my_annotator SOLVER.MAX_ITER 3000                    # your photos
+
+The config's budget is sized for a GPU: the dilated R-50 takes about a minute per iteration of batch 8 on
+2 CPU cores.
+"""
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs/DELSE/delse_R_50_coco128.yaml"
+DATASET = "annotator_train"  # the name a --json is registered under
+
+
+def register(json_file, image_root):
+    """Register the user's COCO json as DATASET (in every process of a multi-GPU run)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    if DATASET not in DatasetCatalog.list():
+        register_coco_instances(DATASET, {}, str(json_file), str(image_root))
+
+
+def serve_command(config_file, weights, opts=()):
+    """The `delse-serve` line for a trained model (what the README's Label Studio section runs)."""
+    return shlex.join(["delse-serve", "--config-file", str(config_file), "--weights", str(weights), "--port", "9090",
+                       *map(str, opts), "MODEL.DELSE.DRAG_EDIT", "result"])
+
+
+def _worker(args, json_file, image_root):
+    import delse  # noqa: F401  (registration)
+    from levelset_d2.engine import main
+
+    if json_file:
+        register(json_file, image_root)
+    return main(args)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config-file", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--json", help="your COCO-json instance annotations (default: the config's DATASETS.TRAIN)")
+    ap.add_argument("--image-root", help="the folder the json's file_names are relative to")
+    ap.add_argument("--output-dir", default=str(REPO / "output/annotator"))
+    ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
+    args = ap.parse_args(argv)
+    if bool(args.json) != bool(args.image_root):
+        ap.error("--json and --image-root go together")
+    if args.json and not Path(args.json).is_file():
+        ap.error(f"--json {args.json}: no such file")
+    if args.image_root and not Path(args.image_root).is_dir():
+        ap.error(f"--image-root {args.image_root}: no such folder")
+
+    from detectron2.engine import default_argument_parser, launch
+
+    opts = ["OUTPUT_DIR", args.output_dir, *args.opts]
+    if args.json:  # train on the user's objects; no evaluation set of ours
+        opts += ["DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"]
+    train_args = default_argument_parser().parse_args(
+        ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus), *(["--resume"] if args.resume else []),
+         *map(str, opts)])
+    launch(_worker, args.num_gpus, dist_url=train_args.dist_url,
+           args=(train_args, args.json and str(Path(args.json).resolve()),
+                 args.image_root and str(Path(args.image_root).resolve())))
+    weights = Path(args.output_dir) / "model_final.pth"
+    print("\nThe annotator is trained. Serve it to Label Studio (README, 'DELSE in Label Studio'):\n")
+    print("  " + serve_command(args.config_file, weights, args.opts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
