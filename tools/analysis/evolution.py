@@ -245,14 +245,8 @@ def variant_cfg(base_cfg, levelset_opts, other_opts):
     cfg = base_cfg.clone()
     cfg.defrost()
     cfg.MODEL.ROI_MASK_HEAD.NAME = "LevelSetMaskHead"
-    for k, v in levelset_opts.items():
-        cfg.MODEL.LEVELSET[k] = v
-    for k, v in other_opts.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    cfg.merge_from_list([x for k, v in levelset_opts.items() for x in (f"MODEL.LEVELSET.{k}", v)]
+                        + [x for kv in other_opts.items() for x in kv])
     return cfg
 
 
