@@ -8,6 +8,8 @@
   and classes.
 * Boundary IoU and Boundary AP (Cheng et al., "Boundary IoU: Improving Object-Centric Image
   Segmentation Evaluation", CVPR 2021).
+* A paired comparison of two models scored on the same objects (mean difference with a bootstrap
+  interval over objects), as the benchmarks report it.
 
 All masks are binary arrays of shape (H, W) (bool or {0, 1}); rows are y, columns x.
 """
@@ -40,6 +42,7 @@ __all__ = [
     "boundary_iou",
     "boundary_ap",
     "to_rle",
+    "paired_difference",
 ]
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # 0.50:0.05:0.95, as COCOeval
@@ -491,3 +494,24 @@ def boundary_ap(coco_gt: Union[COCO, Dict, str], results: CocoResults, *,
         "APm": mean_valid(precision[..., 2]),
         "APl": mean_valid(precision[..., 3]),
     }
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], rng: np.random.Generator, n_boot: int = 2000,
+                      tolerance: float = 1e-3) -> Dict[str, float]:
+    """
+    B - A over objects scored by both: the mean difference, its 95 % percentile-bootstrap interval
+    (objects resampled with replacement ``n_boot`` times) and the shares of objects that B helps /
+    hurts by more than ``tolerance``.
+
+    Args:
+        a, b: (N,) one value per object, in the same object order (e.g. IoU in [0, 1]).
+    Returns:
+        ``mean``, ``low``, ``high`` in the values' units; ``helped``, ``hurt`` in [0, 1].
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired_difference needs two equal-length, non-empty 1-d sequences, got {a.shape} and {b.shape}")
+    d = b - a
+    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
+    return {"mean": float(d.mean()), "low": float(np.percentile(boot, 2.5)), "high": float(np.percentile(boot, 97.5)),
+            "helped": float((d > tolerance).mean()), "hurt": float((d < -tolerance).mean())}

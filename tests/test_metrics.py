@@ -18,6 +18,7 @@ from levelset.metrics import (
     jaccard,
     mask_to_boundary,
     match_detections,
+    paired_difference,
 )
 
 
@@ -274,3 +275,18 @@ def test_boundary_ap_with_more_than_100_detections_per_image():
     assert ap["AP"] == pytest.approx(1.0) and ap["AP50"] == pytest.approx(1.0), ap
     ap = boundary_ap(gt, results, max_dets=100)
     assert ap["AP"] == pytest.approx(67 / 101) and ap["AP75"] == pytest.approx(67 / 101), ap
+
+
+def test_paired_difference_by_hand():
+    """A constant shift has a degenerate interval at the shift; opposite changes cancel in the mean
+    and count once each as helped and hurt."""
+    rng = np.random.default_rng(0)
+    a = np.array([0.2, 0.5, 0.9, 0.4])
+    d = paired_difference(a, a + 0.1, rng)
+    assert d["mean"] == pytest.approx(0.1) and d["low"] == pytest.approx(0.1) and d["high"] == pytest.approx(0.1)
+    assert d["helped"] == 1.0 and d["hurt"] == 0.0
+    d = paired_difference(a, a + np.array([0.3, -0.3, 0.0, 0.0]), rng)
+    assert d["mean"] == pytest.approx(0.0) and d["helped"] == 0.25 and d["hurt"] == 0.25
+    assert -0.3 <= d["low"] < 0.0 < d["high"] <= 0.3
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference(a, a[:3], rng)

@@ -35,7 +35,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
-from levelset.metrics import boundary_f_measure, boundary_iou
+from levelset.metrics import boundary_f_measure, boundary_iou, paired_difference
 from levelset_d2 import get_cfg
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
 from levelset_rcnn.roi_heads import with_image
@@ -112,13 +112,6 @@ def masks_on_boxes(cfg, model, image_bgr, anns, class_from_json):
     return out
 
 
-def paired(a: np.ndarray, b: np.ndarray, rng, n_boot=2000):
-    """Mean of b - a, its 95 % bootstrap interval over objects, share helped / hurt (|d| > 1e-3)."""
-    d = b - a
-    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
-    return d.mean(), np.percentile(boot, 2.5), np.percentile(boot, 97.5), (d > 1e-3).mean(), (d < -1e-3).mean()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -182,10 +175,10 @@ def main(argv=None):
         for a, b in comparisons:
             cells = []
             for k in METRICS:
-                mean, lo, hi, up, down = paired(np.array(values[a][k]), np.array(values[b][k]), rng)
-                cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+                d = paired_difference(values[a][k], values[b][k], rng)
+                cells.append(f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]")
                 if k == "iou":
-                    share = f"{100 * up:.0f} % / {100 * down:.0f} %"
+                    share = f"{100 * d['helped']:.0f} % / {100 * d['hurt']:.0f} %"
             lines.append(f"| {a} | {b} | " + " | ".join(cells) + f" | {share} |")
     table = "\n".join(lines)
     print(table)

@@ -7,12 +7,17 @@ included), one per interaction, until the IoU reaches --stop-iou or --max-intera
 Reports per model: mIoU after 4 (the extreme points: DEXTR's and DELSE's number), 5, 6, 8, 10 and 20
 interactions; NoC@85 / NoC@90 (the extreme points counted, at most 20) with the share of objects that
 never reach the threshold; boundary F at 1 and 2 px after the extreme points; median latency of the
-extreme-point pass and of a correction.
+extreme-point pass and of a correction. With two rows or more, every pair is also compared object
+by object (IoU difference after 4, 5, 6, 8 and 20 interactions with a 95 % bootstrap interval).
 
     D=../shared/data/coco_mval
     .venv/bin/python tools/benchmarks/bench_delse_noc.py --json $D/train.json --json $D/dev.json --image-root $D/images \\
         --model "DELSE" configs/DELSE/delse_R_18_coco_mval.yaml output/delse_R_18_coco_mval/model_final.pth \\
         [--preview] [--max-objects 100] [--output output/noc/mval]
+
+Settings that differ between rows (``MODEL.DELSE.DRAG_EDIT result``) go in separate runs, each with
+its ``--output``; ``--merge a.json b.json`` then tabulates and pairs them (same objects and settings,
+or an error says which differs). Runs in separate processes also share the cores.
 
 A model's corrections are drags: models that edit the motion field use the whole drag, the others
 (``CORRECTION_MODE "clicks"``, the pixel-wise baseline) see its target as a click. Zero-shot numbers
@@ -30,9 +35,12 @@ from pycocotools.coco import COCO
 import delse  # noqa: F401  (registration)
 from delse.data import extreme_points
 from delse.predictor import DELSEPredictor
-from delse.protocol import run_protocol, summarize
+from delse.protocol import EXTREME_POINTS, run_protocol, summarize
+from levelset.metrics import paired_difference
 from levelset_d2.config import get_cfg
 
+# Paired columns: the IoU after this many interactions (the extreme points counted).
+PAIRED_AT = (4, 5, 6, 8, 20)
 COLUMNS = ["mIoU@4", "mIoU@5", "mIoU@6", "mIoU@8", "mIoU@10", "mIoU@20", "NoC@85", "NoC@90", "failed@85",
            "failed@90", "F@1px", "F@2px", "predict_ms", "correct_ms"]
 
@@ -59,7 +67,10 @@ def main(argv=None):
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--json", required=True, action="append", help="COCO json (repeat to pool files of one image folder)")
     ap.add_argument("--image-root", required=True)
-    ap.add_argument("--model", nargs=3, action="append", required=True, metavar=("NAME", "CONFIG", "WEIGHTS"))
+    ap.add_argument("--model", nargs=3, action="append", default=[], metavar=("NAME", "CONFIG", "WEIGHTS"))
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="per-object curves written by earlier runs (--output X: X.json) on the same objects and "
+                         "settings, tabulated and compared with this run's (one model or override per process, then merge)")
     ap.add_argument("--max-interactions", type=int, default=20, help="the extreme points included (default: %(default)s)")
     ap.add_argument("--stop-iou", type=float, default=0.90, help="the annotator stops at this IoU (default: %(default)s)")
     ap.add_argument("--preview", action="store_true", help="corrections through correct(preview=True)")
@@ -72,13 +83,14 @@ def main(argv=None):
     objects = load_objects(args.json, args.image_root, args.max_objects)
     if not objects:
         raise SystemExit(f"no objects in {args.json}")
-    rows, curves = {}, {}
+    ids = [ann["id"] for _, _, ann in objects]
+    rows, curves, used_ids = {}, {}, {}
     for name, config_file, weights in args.model:
         cfg = get_cfg()
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(["MODEL.WEIGHTS", weights, "MODEL.DEVICE", args.device, *args.opts])
         predictor = DELSEPredictor(cfg)
-        results, t0 = [], time.perf_counter()
+        results, kept, t0 = [], [], time.perf_counter()
         for path, coco, ann in objects:
             image = cv2.imread(str(path))
             if image is None:
@@ -91,9 +103,25 @@ def main(argv=None):
             points = extreme_points(gt, 0, np.random.default_rng(ann["id"]))
             results.append(run_protocol(predictor, image, gt, points, max_interactions=args.max_interactions,
                                         stop_iou=args.stop_iou, preview=args.preview))
+            kept.append(ann["id"])
         rows[name] = summarize(results, max_interactions=args.max_interactions)
         curves[name] = [r.ious for r in results]
+        used_ids[name] = kept
         print(f"{name}: {len(results)} objects in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    settings = {"json": args.json, "objects": ids, "max_interactions": args.max_interactions,
+                "stop_iou": args.stop_iou, "preview": args.preview}
+    for path in args.merge:
+        earlier = json.loads(Path(path).read_text())
+        for key, value in settings.items():
+            if earlier.get(key) != value:
+                raise SystemExit(f"{path} was measured with {key} = {str(earlier.get(key))[:200]}, not {str(value)[:200]}: "
+                                 "only runs on the same objects and settings can be merged")
+        rows.update(earlier["summary"])
+        curves.update(earlier["ious"])
+        used_ids.update(earlier["object_ids"])
+    if not rows:
+        raise SystemExit("nothing to tabulate: give --model and/or --merge")
 
     cols = [c for c in COLUMNS if c in next(iter(rows.values()))]
     lines = [f"{len(objects)} objects of {', '.join(args.json)}; extreme points + up to {args.max_interactions - 4} "
@@ -102,12 +130,43 @@ def main(argv=None):
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.2f}" if c.startswith("NoC") else f"{r[c]:.1f}" for c in cols) + " |")
+    lines += paired_table(curves, used_ids, args.max_interactions)
     table = "\n".join(lines)
     print(table)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output + ".md").write_text(table + "\n")
-        Path(args.output + ".json").write_text(json.dumps({"summary": rows, "ious": curves}))
+        Path(args.output + ".json").write_text(json.dumps(
+            {**settings, "summary": rows, "ious": curves, "object_ids": used_ids}))
+
+
+def paired_table(curves, object_ids, max_interactions, seed=0):
+    """Markdown lines comparing every pair of rows object by object: B − A in IoU points after
+    ``PAIRED_AT`` interactions, mean [95 % bootstrap interval]; objects skipped by either (an empty
+    mask) are left out of that pair. No lines for a single row."""
+    names = list(curves)
+    at = [k for k in PAIRED_AT if k <= max_interactions]
+    if len(names) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    lines = ["", "Paired, object by object (B − A, IoU points after n interactions, mean [95 % bootstrap interval over "
+             "objects]; helped / hurt: share of objects whose IoU after the first correction B raises / lowers):", "",
+             "| A | B | " + " | ".join(f"@{k}" for k in at) + " | helped / hurt @5 |", "|---" * (len(at) + 3) + "|"]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = sorted(set(object_ids[a]) & set(object_ids[b]))
+            ia = {o: n for n, o in enumerate(object_ids[a])}
+            ib = {o: n for n, o in enumerate(object_ids[b])}
+            ca = np.array([curves[a][ia[o]] for o in common])
+            cb = np.array([curves[b][ib[o]] for o in common])
+            cells, share = [], "–"
+            for k in at:
+                d = paired_difference(100 * ca[:, k - EXTREME_POINTS], 100 * cb[:, k - EXTREME_POINTS], rng, tolerance=0.1)
+                cells.append(f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]")
+                if k == 5:
+                    share = f"{100 * d['helped']:.0f} % / {100 * d['hurt']:.0f} %"
+            lines.append(f"| {a} | {b} | " + " | ".join(cells) + f" | {share} |")
+    return lines
 
 
 if __name__ == "__main__":
