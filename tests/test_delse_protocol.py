@@ -141,6 +141,10 @@ def test_summary_means_noc_and_failures_over_objects():
     assert s["NoC@90"] == pytest.approx((6 + 20) / 2) and s["failed@90"] == pytest.approx(50.0)
     assert s["F@1px"] == pytest.approx(30.0) and s["F@2px"] == pytest.approx(50.0)
     assert s["predict_ms"] == pytest.approx(20.0) and s["correct_ms"] == pytest.approx(3.0)
+    assert s["worst_step"] == 0.0  # mean IoU 60, 78, 82.5, 82.5, ...: never drops
+    c = ProtocolResult([0.7, 0.5, 0.6] + [0.6] * 14, 0.2, 0.4, 0.030, [])
+    assert summarize([a, c])["worst_step"] == 0.0  # a mean: 60 -> 68 -> 77.5, c's drop averaged out
+    assert summarize([b, c])["worst_step"] == pytest.approx(-10.0)  # 70 -> 60
 
 
 @pytest.fixture

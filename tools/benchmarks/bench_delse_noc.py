@@ -6,7 +6,8 @@ the simulated annotator's corrections (``delse.protocol``: the largest error reg
 included), one per interaction, until the IoU reaches --stop-iou or --max-interactions are spent.
 Reports per model: mIoU after 4 (the extreme points: DEXTR's and DELSE's number), 5, 6, 8, 10 and 20
 interactions; NoC@85 / NoC@90 (the extreme points counted, at most 20) with the share of objects that
-never reach the threshold; boundary F at 1 and 2 px after the extreme points; median latency of the
+never reach the threshold; worst_step, the largest drop of the mIoU from one interaction to the next
+(0: a correction never lowers it on average); boundary F at 1 and 2 px after the extreme points; median latency of the
 extreme-point pass and of a correction. With two rows or more, every pair is also compared object
 by object (IoU difference after 4, 5, 6, 8 and 20 interactions with a 95 % bootstrap interval).
 
@@ -42,7 +43,7 @@ from levelset_d2.config import get_cfg
 # Paired columns: the IoU after this many interactions (the extreme points counted).
 PAIRED_AT = (4, 5, 6, 8, 20)
 COLUMNS = ["mIoU@4", "mIoU@5", "mIoU@6", "mIoU@8", "mIoU@10", "mIoU@20", "NoC@85", "NoC@90", "failed@85",
-           "failed@90", "F@1px", "F@2px", "predict_ms", "correct_ms"]
+           "failed@90", "worst_step", "F@1px", "F@2px", "predict_ms", "correct_ms"]
 
 
 def load_objects(json_files, image_root, max_objects=0):

@@ -163,9 +163,12 @@ def summarize(results: Sequence[ProtocolResult], thresholds=(0.85, 0.90), max_in
               at=(4, 5, 6, 8, 10, 20)) -> dict:
     """Means over objects: mIoU after ``at`` interactions, NoC and the share of objects that never
     reach each threshold, boundary F at 1 / 2 px after the extreme points (all in percent except NoC),
-    and the median latency of the extreme-point pass and of a correction (ms)."""
+    the largest drop of the mIoU from one interaction to the next (``worst_step``, percent points,
+    0 when it never drops), and the median latency of the extreme-point pass and of a correction (ms)."""
     ious = np.array([r.ious for r in results])
     out = {f"mIoU@{k}": 100 * float(ious[:, k - EXTREME_POINTS].mean()) for k in at if k <= max_interactions}
+    steps = np.diff(ious[:, : max_interactions - EXTREME_POINTS + 1].mean(0))
+    out["worst_step"] = 100 * float(min(0.0, steps.min())) if len(steps) else 0.0
     for t in thresholds:
         nocs = [number_of_interactions(r.ious, t, max_interactions) for r in results]
         name = f"{round(100 * t)}"
