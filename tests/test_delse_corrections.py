@@ -321,3 +321,38 @@ def test_pspnet_bin_width_is_in_over_bins():
     assert psp.fuse.in_channels == 2 * in_channels
     default = _build(_cfg()).motion_branch
     assert all(s.out_channels == default.fuse.out_channels for s in default.stages)  # PSP_CHANNELS per bin
+
+
+def test_signed_drag_channels_keep_the_direction_the_paper_encoding_drops():
+    """A drag from (10, 10) to (4, 18): d = (-6, 8), |d| = 10; at its source pixel the Gaussian is 1, so
+    the channels read (0.6, 0.8) in the paper's |dx|, |dy| encoding and (-0.6, 0.8) signed; the
+    reverse drag's signed channels are the opposite, its unsigned ones the same."""
+    from delse.interactive import drag_channels
+
+    drag = [(torch.tensor([10.0, 10.0]), torch.tensor([4.0, 18.0]))]
+    back = [(torch.tensor([10.0, 10.0]), torch.tensor([16.0, 2.0]))]
+    assert drag_channels(drag, (32, 32))[:, 10, 10].tolist() == pytest.approx([0.6, 0.8])
+    assert drag_channels(drag, (32, 32), signed=True)[:, 10, 10].tolist() == pytest.approx([-0.6, 0.8])
+    assert drag_channels(back, (32, 32), signed=True)[:, 10, 10].tolist() == pytest.approx([0.6, -0.8])
+    assert torch.equal(drag_channels(back, (32, 32)), drag_channels(drag, (32, 32)))
+    model = _build(_cfg("MODEL.DELSE.EDIT_SIGNED_DRAGS", "True"))
+    assert model.drag_tensor([{"drags": drag}], (32, 32))[0, 0, 10, 10] == pytest.approx(-0.6)
+
+
+@pytest.mark.parametrize("reads_phi0", [False, True])
+def test_the_editing_block_reads_phi0_only_when_configured(reads_phi0):
+    """MODEL.DELSE.EDIT_READS_PHI0: the same drag on two different phi_0 edits V differently only
+    when the block reads phi_0 (its last conv set non-zero, as after training)."""
+    model = _build(_cfg("MODEL.DELSE.EDIT_READS_PHI0", str(reads_phi0))).eval()
+    assert model.motion_editing.stem.in_channels == (5 if reads_phi0 else 4)
+    torch.nn.init.normal_(model.motion_editing.predictor.weight, std=0.1)
+    gt, pred = _geometry("bite", 0.0)
+    low = _low_terms(gt, pred)
+    other = dict(low, phi0=-low["phi0"])
+    drags = model.drag_tensor([{"drags": [(torch.tensor([30.0, 32.0]), torch.tensor([50.0, 32.0]))]}], (S, S))
+    with torch.no_grad():
+        a = model.edit_and_upsample(low, (S, S), drags)["motion"]
+        b = model.edit_and_upsample(other, (S, S), drags)["motion"]
+        plain = model.edit_and_upsample(low, (S, S))["motion"]
+    assert not torch.equal(a, plain)  # the drag edits V
+    assert torch.equal(a, b) != reads_phi0

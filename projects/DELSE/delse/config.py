@@ -120,6 +120,13 @@ def add_delse_config(cfg):
     # Motion-editing block: residual 3x3 convs of this width, then a 2-channel conv.
     cfg.MODEL.DELSE.EDIT_NUM_CONVS = 6
     cfg.MODEL.DELSE.EDIT_CHANNELS = 128
+    # Not in the paper (issue #22 item 3). The drag channels carry |dx| / |d| and |dy| / |d| (the
+    # paper's encoding: an inward and an outward drag look alike); True: dx / |d| and dy / |d|, signed.
+    cfg.MODEL.DELSE.EDIT_SIGNED_DRAGS = False
+    # The block also reads phi_0 / TSDF_TRUNCATION (one more input channel, at the branches'
+    # resolution), so it can tell inside from outside where the drag starts. False: the paper's
+    # (V, drags) input; checkpoints trained with one setting do not load with the other.
+    cfg.MODEL.DELSE.EDIT_READS_PHI0 = False
 
     # ---------------------------------------------------------------- evaluation
     cfg.TEST.DELSE = CN()

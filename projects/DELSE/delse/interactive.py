@@ -75,15 +75,17 @@ def simulate_correction(phi, gt_mask, min_error=1.0):
     return src, gt_yx[nearest].flip(0)
 
 
-def drag_channels(drags, size, device=None):
+def drag_channels(drags, size, device=None, signed=False):
     """The two motion-editing channels of all drags so far (section 4.4), summed over drags.
 
     Per drag a Gaussian at the erroneous point with sigma = the drag length, times
-    ``|dx| / |d|`` in the first channel and ``|dy| / |d|`` in the second, as the paper encodes it.
+    ``|dx| / |d|`` in the first channel and ``|dy| / |d|`` in the second, as the paper encodes it;
+    with ``signed``, ``dx / |d|`` and ``dy / |d|`` (the drag's direction, not only its axis).
 
     Args:
         drags: list of (from_xy, to_xy) pairs of (2,) tensors/sequences.
         size: (H, W).
+        signed: keep the sign of the drag's components.
     Returns:
         (2, H, W) float32 tensor.
     """
@@ -93,5 +95,5 @@ def drag_channels(drags, size, device=None):
         delta = torch.as_tensor(dst, dtype=torch.float32, device=device) - src
         length = delta.norm().clamp_min(1.0)
         g = points_heatmap(src[None], size, length)
-        out += g[None] * (delta.abs() / length).view(2, 1, 1)
+        out += g[None] * ((delta if signed else delta.abs()) / length).view(2, 1, 1)
     return out

@@ -142,14 +142,15 @@ class SkipFeatures(nn.Module):
 
 class MotionEditingBlock(nn.Module):
     """Re-predicts the motion field from (V, two drag channels) (section 4.4): an input conv,
-    ``num_convs`` residual 3x3 convs of ``channels`` channels, and a 2-channel conv.
+    ``num_convs`` residual 3x3 convs of ``channels`` channels, and a 2-channel conv. With
+    ``extra_inputs`` > 0 the input conv also reads that many more channels (phi_0, not in the paper).
 
     The output is added to V, and the last conv starts at zero, so before it is trained the
     block leaves V unchanged and a correction acts only through the extreme-point channel."""
 
-    def __init__(self, num_convs=6, channels=128, norm="BN"):
+    def __init__(self, num_convs=6, channels=128, norm="BN", extra_inputs=0):
         super().__init__()
-        self.stem = Conv2d(4, channels, 3, padding=1, activation=F.relu)
+        self.stem = Conv2d(4 + extra_inputs, channels, 3, padding=1, activation=F.relu)
         self.residuals = nn.ModuleList(
             Conv2d(channels, channels, 3, padding=1, bias=not norm, norm=get_norm(norm, channels))
             for _ in range(num_convs)
@@ -158,8 +159,9 @@ class MotionEditingBlock(nn.Module):
         nn.init.zeros_(self.predictor.weight)
         nn.init.zeros_(self.predictor.bias)
 
-    def forward(self, motion, drags):
-        x = self.stem(torch.cat([motion, drags], dim=1))
+    def forward(self, motion, drags, extra=None):
+        """motion (N, 2, h, w), drags (N, 2, h, w), extra (N, extra_inputs, h, w) or None -> (N, 2, h, w)."""
+        x = self.stem(torch.cat([motion, drags] + ([] if extra is None else [extra]), dim=1))
         for conv in self.residuals:
             x = F.relu(x + conv(x))
         return motion + self.predictor(x)
@@ -232,6 +234,8 @@ class DELSE(nn.Module):
         drag_edit_radius=0.5,
         drag_edit_min_radius=2.0,
         heatmap_sigma=10.0,
+        edit_signed_drags=False,
+        edit_reads_phi0=False,
     ):
         super().__init__()
         self.encoder = encoder
@@ -278,6 +282,8 @@ class DELSE(nn.Module):
         self.drag_edit_radius = float(drag_edit_radius)
         self.drag_edit_min_radius = float(drag_edit_min_radius)
         self.heatmap_sigma = float(heatmap_sigma)
+        self.edit_signed_drags = bool(edit_signed_drags)
+        self.edit_reads_phi0 = bool(edit_reads_phi0)
         # Parts that this configuration never trains get no gradients (and DDP no unused
         # parameters): the editing block without simulated corrections, and switched-off branches.
         # An untrained editing block is the identity (its last conv starts at zero).
@@ -310,7 +316,10 @@ class DELSE(nn.Module):
             "initial_level_set_branch": branch(1),
             "motion_branch": branch(2),
             "modulation_branch": branch(1),
-            "motion_editing": MotionEditingBlock(d.EDIT_NUM_CONVS, d.EDIT_CHANNELS, d.NORM),
+            "motion_editing": MotionEditingBlock(d.EDIT_NUM_CONVS, d.EDIT_CHANNELS, d.NORM,
+                                                 extra_inputs=1 if d.EDIT_READS_PHI0 else 0),
+            "edit_signed_drags": d.EDIT_SIGNED_DRAGS,
+            "edit_reads_phi0": d.EDIT_READS_PHI0,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "use_extreme_points": use_points,
@@ -399,7 +408,8 @@ class DELSE(nn.Module):
         if drags is not None and self.edits_motion:
             # The block runs at the branches' resolution; samples without drags keep their V.
             pooled = F.adaptive_avg_pool2d(drags, motion.shape[-2:])
-            edited = self.motion_editing(motion, pooled)
+            extra = low["phi0"] / self.tsdf_truncation if self.edit_reads_phi0 else None
+            edited = self.motion_editing(motion, pooled, extra)
             has_drag = drags.flatten(1).abs().sum(1).gt(0).view(-1, 1, 1, 1)
             motion = torch.where(has_drag, edited, motion)
         return {"phi0": up(low["phi0"]), "motion": up(motion), "modulation": up(low["modulation"])}
@@ -545,7 +555,7 @@ class DELSE(nn.Module):
 
     def drag_tensor(self, states, size):
         """(N, 2, S, S) motion-editing channels of every sample's drags so far."""
-        return torch.stack([drag_channels(s["drags"], size, self.device) for s in states])
+        return torch.stack([drag_channels(s["drags"], size, self.device, self.edit_signed_drags) for s in states])
 
     def enforce_drags(self, phi, states):
         """(N, 1, S, S) level sets (pixels) with each sample's drags so far enforced in turn
