@@ -14,12 +14,17 @@ For each dataset, as the paper does with its 10 / 6 Cityscapes cities:
     .venv/bin/python tools/benchmarks/bench_delse_corrections.py --iters 3000 --finetune-iters 1000 --update-benchmarks
     .venv/bin/python tools/benchmarks/bench_delse_corrections.py --iters 20 --finetune-iters 10 --eval-instances 10  # smoke
 
+``--variant LABEL KEY VALUE ...`` adds a row: (a)'s fine-tuning from the same DELSE base, budget and
+seed with these config overrides (e.g. ``MODEL.DELSE.EDIT_SIGNED_DRAGS True``), so that editing-block
+options are compared with (a) and (b) on equal terms (paired per object by ``bench_delse_noc.py --merge``).
+
 Writes output/bench_delse_corrections/results.{md,json} and, with --update-benchmarks, the table
 into BENCHMARKS.md between <!-- bench_delse_corrections:begin --> and <!-- ...:end -->.
 """
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,9 +57,9 @@ def load_cfg(config, opts):
     return cfg
 
 
-def run_opts(args, config, out_dir, iters, weights=None):
+def run_opts(args, config, out_dir, iters, weights=None, extra=()):
     """Overrides of one training: budget, seed, CPU, no periodic evaluation; DELSE's base keeps its
-    config's pre-training share of the schedule."""
+    config's pre-training share of the schedule; then ``extra`` (a variant's KEY VALUE list)."""
     cfg = load_cfg(config, [])
     opts = ["OUTPUT_DIR", out_dir, "SEED", args.seed, "SOLVER.MAX_ITER", iters,
             "SOLVER.STEPS", f"({int(iters * 0.8)},)", "SOLVER.CHECKPOINT_PERIOD", iters,
@@ -64,20 +69,20 @@ def run_opts(args, config, out_dir, iters, weights=None):
         opts += ["MODEL.DELSE.PRETRAIN_ITERS", max(1, round(iters * share))]
     if weights is not None:
         opts += ["MODEL.WEIGHTS", weights]
-    return [str(o) for o in opts]
+    return [str(o) for o in opts + list(extra)]
 
 
-def train(args, config, out_dir, iters, log_path, weights=None):
-    run_train_net(config, run_opts(args, config, out_dir, iters, weights), log_path, args.threads)
+def train(args, config, out_dir, iters, log_path, weights=None, extra=()):
+    run_train_net(config, run_opts(args, config, out_dir, iters, weights, extra), log_path, args.threads)
 
 
-def evaluate(args, config, out_dir, iters):
+def evaluate(args, config, out_dir, iters, extra=()):
     """Summary of model_final.pth on the dev instances (all, or --eval-instances evenly spaced)
     after 0..K simulated corrections."""
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = load_cfg(config, run_opts(args, config, out_dir, iters) + ["MODEL.DELSE.TEST_NUM_CORRECTIONS", K,
+    cfg = load_cfg(config, run_opts(args, config, out_dir, iters, extra=extra) + ["MODEL.DELSE.TEST_NUM_CORRECTIONS", K,
                                                                       "MODEL.WEIGHTS", ""])
     from delse.evaluation import score_instances
 
@@ -99,7 +104,7 @@ def table(rows, args, times):
         thr = f"{r['mIoU@best_threshold']:.1f} ({r['best_threshold']:g})" if "best_threshold" in r else "–"
         lines.append(f"| {data} ({r['num_instances']} dev objects) | {label} | " + " | ".join(miou) + " | "
                      + " | ".join(fb) + f" | {thr} |")
-    cmd = "tools/benchmarks/bench_delse_corrections.py " + " ".join(a for a in sys.argv[1:] if a != "--update-benchmarks")
+    cmd = "tools/benchmarks/bench_delse_corrections.py " + shlex.join(a for a in sys.argv[1:] if a != "--update-benchmarks")
     wall = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
     return "\n".join([
         f"Command: `.venv/bin/python {cmd.strip()}`  ",
@@ -121,8 +126,15 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--output-dir", default=str(REPO / "output/bench_delse_corrections"))
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
+    ap.add_argument("--variant", nargs="+", action="append", default=[], metavar="LABEL KEY VALUE",
+                    help="one more row: (a)'s fine-tuning with these config overrides (repeatable)")
     ap.add_argument("--update-benchmarks", action="store_true")
     args = ap.parse_args()
+    rows_spec = {label: (*spec, ()) for label, spec in ROWS.items()}
+    for label, *extra in args.variant:
+        if len(extra) % 2:
+            ap.error(f"--variant {label!r}: overrides come as KEY VALUE pairs, got {extra}")
+        rows_spec[label] = (*ROWS["(a) DELSE, motion editing"], tuple(extra))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, times = [], {}
@@ -135,16 +147,16 @@ def main():
                 t0 = time.time()
                 train(args, config, str(base_dirs[kind]), args.iters, out / f"{d}_{kind}_base.train.log")
                 times[f"{d} {kind} base"] = time.time() - t0
-        for label, (pattern, base) in ROWS.items():
+        for label, (pattern, base, extra) in rows_spec.items():
             config, run_dir = CONFIGS / pattern.format(d=d), out / f"{d}_{slug(label)}"
             if not args.skip_train:
                 t0 = time.time()
                 train(args, config, str(run_dir), args.finetune_iters, out / f"{d}_{slug(label)}.train.log",
-                      weights=str(base_dirs[base] / "model_final.pth"))
-                times[f"{d} {label[:3]} fine-tuning"] = time.time() - t0
+                      weights=str(base_dirs[base] / "model_final.pth"), extra=extra)
+                times[f"{d} {label.split()[0]} fine-tuning"] = time.time() - t0
             t0 = time.time()
-            res = evaluate(args, config, str(run_dir), args.finetune_iters)
-            times[f"{d} {label[:3]} eval"] = time.time() - t0
+            res = evaluate(args, config, str(run_dir), args.finetune_iters, extra)
+            times[f"{d} {label.split()[0]} eval"] = time.time() - t0
             rows.append((d, label, res))
             print(d, label, json.dumps(res), flush=True)
     times["total"] = time.time() - t_all
