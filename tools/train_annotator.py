@@ -4,16 +4,19 @@
 By default the ImageNet R-50 DELSE of `configs/DELSE/delse_R_50_coco128.yaml` (`make pretrained` first) on
 coco128-seg's instances; with --json / --image-root, on your own COCO-json instance annotations instead
 (every non-crowd object is a training sample; categories are ignored: DELSE segments whatever the clicks
-mark). The run is train_net.py's (resumable with --resume, multi-GPU with --num-gpus); at the end the
-command prints how to serve the model, with each drag enforced on the contour (MODEL.DELSE.DRAG_EDIT
-"result", BENCHMARKS.md section 7b).
+mark). The run is train_net.py's (resumable with --resume, multi-GPU with --num-gpus). Then, unless
+--interactive-iters 0, a short interactive fine-tuning from those weights on the same data (the recipe of
+configs/DELSE/delse_R_50_coco128_interactive.yaml: U{0..3} simulated drags per sample through the
+motion-editing block, which the first stage leaves untrained: without it a drag acts only as one more
+click and a preview is the full pass). At the end the command prints how to serve the model, with each
+drag enforced on the contour (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b).
 
     .venv/bin/python tools/train_annotator.py --num-gpus 8                       # coco128-seg, the config's budget
     .venv/bin/python tools/train_annotator.py --json my/train.json --image-root my/images \\
         --output-dir output/my_annotator SOLVER.MAX_ITER 3000                    # your photos
 
-The config's budget (400 iterations of batch 8) takes about an hour on 2 CPU cores (~5 s per iteration
-with 2 threads), minutes on a GPU.
+The config's budget (400 iterations of batch 8, then 100 interactive) takes about 45 min on 2 CPU cores (~5 s
+per iteration with 2 threads), minutes on a GPU.
 """
 import argparse
 import shlex
@@ -40,6 +43,16 @@ def serve_command(config_file, weights, opts=()):
                        *map(str, opts), "MODEL.DELSE.DRAG_EDIT", "result"])
 
 
+def interactive_opts(base_weights, iters):
+    """Overrides of the interactive stage (delse_R_50_coco128_interactive.yaml's recipe on any config):
+    joint training from the base weights with U{0..3} simulated drags through the motion-editing block."""
+    return ["MODEL.WEIGHTS", str(base_weights), "MODEL.DELSE.PHASE", "joint", "MODEL.DELSE.PRETRAIN_ITERS", "0",
+            "MODEL.DELSE.NUM_CORRECTIONS", "3", "MODEL.DELSE.CORRECTION_SAMPLING", "uniform",
+            "MODEL.DELSE.CORRECTION_MODE", "motion_editing", "MODEL.DELSE.TEST_NUM_CORRECTIONS", "3",
+            "SOLVER.MAX_ITER", str(iters),
+            "SOLVER.STEPS", f"({max(1, iters * 4 // 5)},)", "SOLVER.WARMUP_ITERS", str(min(10, iters))]
+
+
 def _worker(args, json_file, image_root):
     import delse  # noqa: F401  (registration)
     from levelset_d2.engine import main
@@ -57,6 +70,8 @@ def main(argv=None):
     ap.add_argument("--image-root", help="the folder the json's file_names are relative to")
     ap.add_argument("--output-dir", default=str(REPO / "output/annotator"))
     ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--interactive-iters", type=int, default=100,
+                    help="iterations of the interactive fine-tuning, into OUTPUT/interactive (0: none; default %(default)s)")
     ap.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
     args = ap.parse_args(argv)
@@ -69,16 +84,21 @@ def main(argv=None):
 
     from detectron2.engine import default_argument_parser, launch
 
-    opts = ["OUTPUT_DIR", args.output_dir, *args.opts]
-    if args.json:  # train on the user's objects; no evaluation set of ours
-        opts += ["DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"]
-    train_args = default_argument_parser().parse_args(
-        ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus), *(["--resume"] if args.resume else []),
-         *map(str, opts)])
-    launch(_worker, args.num_gpus, dist_url=train_args.dist_url,
-           args=(train_args, args.json and str(Path(args.json).resolve()),
-                 args.image_root and str(Path(args.image_root).resolve())))
+    data = ["DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"] if args.json else []  # the user's objects
     weights = Path(args.output_dir) / "model_final.pth"
+    stages = [["OUTPUT_DIR", args.output_dir, *args.opts, *data]]
+    if args.interactive_iters > 0:
+        stages.append(["OUTPUT_DIR", str(Path(args.output_dir) / "interactive"), *args.opts, *data,
+                       *interactive_opts(weights, args.interactive_iters)])
+    for opts in stages:
+        train_args = default_argument_parser().parse_args(
+            ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus),
+             *(["--resume"] if args.resume else []), *map(str, opts)])
+        launch(_worker, args.num_gpus, dist_url=train_args.dist_url,
+               args=(train_args, args.json and str(Path(args.json).resolve()),
+                     args.image_root and str(Path(args.image_root).resolve())))
+    if args.interactive_iters > 0:
+        weights = Path(args.output_dir) / "interactive/model_final.pth"
     print("\nThe annotator is trained. Serve it to Label Studio (README, 'DELSE in Label Studio'):\n")
     print("  " + serve_command(args.config_file, weights, args.opts))
     return 0
