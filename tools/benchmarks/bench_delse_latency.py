@@ -1,10 +1,11 @@
 """Per-object latency of DELSE's interactive predictor (paper: 160 ms per object on a GPU).
 
     .venv/bin/python tools/benchmarks/bench_delse_latency.py [--config configs/DELSE/delse_R_101_pascal_sbd.yaml]
-        [--objects 5] [--device cpu|cuda] [--psp-widths psp_channels pspnet]
+        [--weights W] [--objects 5] [--device cpu|cuda] [--psp-widths psp_channels pspnet]
 
 Builds the model of the config (default the paper size: ResNet-101 encoder, three PSP branches,
-512x512 input, T = 5) with random weights — latency does not depend on the weights — and times,
+512x512 input, T = 5) with random weights or --weights — latency does not depend on the weights, but
+a preview on an editing block that was never trained runs the full pass (DELSEPredictor.can_preview) — and times,
 per object, ``DELSEPredictor.predict`` (four extreme clicks), ``correct`` (one drag, the full pass)
 and ``correct(preview=True)`` (the editing block and the evolution only), medians over the real
 COCO val2017 sample's objects, extreme points from their GT masks. For each MODEL.DELSE.PSP_BIN_WIDTH
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs/DELSE/delse_R_101_pascal_sbd.yaml"))
+    ap.add_argument("--weights", default="", help="trained weights (default: random, seed 0; an untrained "
+                    "editing block makes the preview the full pass)")
     ap.add_argument("--objects", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--psp-widths", nargs="+", default=["psp_channels", "pspnet"],
@@ -67,7 +70,7 @@ def run(args, width):
     cfg = delse.get_cfg()
     cfg.merge_from_file(args.config)
     # The editing block exists once the model is trained with simulated corrections.
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.DELSE.NUM_CORRECTIONS", "1",
+    cfg.merge_from_list(["MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", args.device, "MODEL.DELSE.NUM_CORRECTIONS", "1",
                          "MODEL.DELSE.PSP_BIN_WIDTH", width])
     torch.manual_seed(0)
     predictor = delse.DELSEPredictor(cfg)
