@@ -15,8 +15,8 @@ drag enforced on the contour (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md sect
     .venv/bin/python tools/train_annotator.py --json my/train.json --image-root my/images \\
         --output-dir output/my_annotator SOLVER.MAX_ITER 3000                    # your photos
 
-The config's budget (400 iterations of batch 8, then 100 interactive) takes about 45 min on 2 CPU cores (~5 s
-per iteration with 2 threads), minutes on a GPU.
+The config's budget (400 iterations of batch 8, ~5 s each with 2 threads, then 100 interactive ones, ~13 s
+each: every simulated drag is one more forward pass) takes about an hour on 2 CPU cores, minutes on a GPU.
 """
 import argparse
 import shlex
