@@ -4,19 +4,20 @@
 By default the ImageNet R-50 DELSE of `configs/DELSE/delse_R_50_coco128.yaml` (`make pretrained` first) on
 coco128-seg's instances; with --json / --image-root, on your own COCO-json instance annotations instead
 (every non-crowd object is a training sample; categories are ignored: DELSE segments whatever the clicks
-mark). The run is train_net.py's (resumable with --resume, multi-GPU with --num-gpus). Then, unless
---interactive-iters 0, a short interactive fine-tuning from those weights on the same data (the recipe of
-configs/DELSE/delse_R_50_coco128_interactive.yaml: U{0..3} simulated drags per sample through the
-motion-editing block, which the first stage leaves untrained: without it a drag acts only as one more
-click and a preview is the full pass). At the end the command prints how to serve the model, with each
+mark). The run is train_net.py's (resumable with --resume, multi-GPU with --num-gpus). With
+--interactive-iters N, then N iterations of interactive fine-tuning from those weights on the same data (the
+recipe of configs/DELSE/delse_R_50_coco128_interactive.yaml: U{0..3} simulated drags per sample through the
+motion-editing block, which the first stage leaves untrained: without it a preview is the full pass). Off by
+default: measured on 100 COCO-MVal objects (BENCHMARKS.md section 6), 100 such iterations cost 1.6 mIoU from
+the extreme points and gave drags no edge over clicks; they buy a 51 ms preview instead of a 257 ms pass. At the end the command prints how to serve the model, with each
 drag enforced on the contour (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b).
 
     .venv/bin/python tools/train_annotator.py --num-gpus 8                       # coco128-seg, the config's budget
     .venv/bin/python tools/train_annotator.py --json my/train.json --image-root my/images \\
         --output-dir output/my_annotator SOLVER.MAX_ITER 3000                    # your photos
 
-The config's budget (400 iterations of batch 8, ~5 s each with 2 threads, then 100 interactive ones, ~13 s
-each: every simulated drag is one more forward pass) takes about an hour on 2 CPU cores, minutes on a GPU.
+The config's budget (400 iterations of batch 8, ~5 s each with 2 threads) takes about 35 min on 2 CPU cores,
+minutes on a GPU; interactive iterations take ~13 s each (every simulated drag is one more forward pass).
 """
 import argparse
 import shlex
@@ -70,7 +71,7 @@ def main(argv=None):
     ap.add_argument("--image-root", help="the folder the json's file_names are relative to")
     ap.add_argument("--output-dir", default=str(REPO / "output/annotator"))
     ap.add_argument("--num-gpus", type=int, default=1)
-    ap.add_argument("--interactive-iters", type=int, default=100,
+    ap.add_argument("--interactive-iters", type=int, default=0,
                     help="iterations of the interactive fine-tuning, into OUTPUT/interactive (0: none; default %(default)s)")
     ap.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
