@@ -197,15 +197,15 @@ def test_the_tool_scores_real_objects_from_their_extreme_points_like_the_predict
 def test_the_tool_merges_runs_and_pairs_them_object_by_object(noc_tool, coco_sample_dir, tmp_path):
     """--merge: two earlier runs on the same 3 objects (curves written by hand) are tabulated and
     paired: B is A + 10 IoU points after the first correction on every object, so the @5 cell is
-    +10.00 [+10.00, +10.00] and every object is helped; a run with other settings is refused, naming
-    the setting."""
+    +10.00 [+10.00, +10.00] and every object is helped (B was measured with --preview: the
+    preview-vs-full gap is such a pair); a run with other settings is refused, naming the setting."""
     ann_json = str(coco_sample_dir / "instances_val2017_subset.json")
     ids = [ann["id"] for _, _, ann in noc_tool.load_objects([ann_json], coco_sample_dir / "images", 3)]
     settings = {"json": [ann_json], "objects": ids, "max_interactions": 6, "stop_iou": 0.9, "preview": False}
     row = {"mIoU@4": 50.0, "mIoU@5": 50.0, "mIoU@6": 50.0, "NoC@85": 6.0, "NoC@90": 6.0, "failed@85": 100.0,
            "failed@90": 100.0, "F@1px": 10.0, "F@2px": 20.0, "predict_ms": 1.0, "correct_ms": 1.0, "objects": 3}
     for name, second in (("A", 0.5), ("B", 0.6)):
-        (tmp_path / f"{name}.json").write_text(json.dumps({**settings, "summary": {name: row},
+        (tmp_path / f"{name}.json").write_text(json.dumps({**settings, "preview": name == "B", "summary": {name: row},
                                                            "ious": {name: [[0.5, second, second]] * 3},
                                                            "object_ids": {name: ids}}))
     out = tmp_path / "merged"

@@ -16,6 +16,10 @@ by object (IoU difference after 4, 5, 6, 8 and 20 interactions with a 95 % boots
         --model "DELSE" configs/DELSE/delse_R_18_coco_mval.yaml output/delse_R_18_coco_mval/model_final.pth \\
         [--preview] [--max-objects 100] [--output output/noc/mval]
 
+``--preview`` sends every correction through ``correct(preview=True)`` (the editing block and the
+evolution on the last full pass's branches); its rows are named "... (preview)" and merge with the
+same model's full-pass run, which pairs them object by object: the preview-vs-full gap.
+
 Settings that differ between rows (``MODEL.DELSE.DRAG_EDIT result``) go in separate runs, each with
 its ``--output``; ``--merge a.json b.json`` then tabulates and pairs them (same objects and settings,
 or an error says which differs). Runs in separate processes also share the cores.
@@ -105,13 +109,15 @@ def main(argv=None):
             results.append(run_protocol(predictor, image, gt, points, max_interactions=args.max_interactions,
                                         stop_iou=args.stop_iou, preview=args.preview))
             kept.append(ann["id"])
+        name += " (preview)" if args.preview else ""
         rows[name] = summarize(results, max_interactions=args.max_interactions)
         curves[name] = [r.ious for r in results]
         used_ids[name] = kept
         print(f"{name}: {len(results)} objects in {time.perf_counter() - t0:.0f} s", flush=True)
 
+    # Rows that differ by --preview are comparable (the preview-vs-full gap): it is in the row's name.
     settings = {"json": args.json, "objects": ids, "max_interactions": args.max_interactions,
-                "stop_iou": args.stop_iou, "preview": args.preview}
+                "stop_iou": args.stop_iou}
     for path in args.merge:
         earlier = json.loads(Path(path).read_text())
         for key, value in settings.items():
@@ -126,7 +132,8 @@ def main(argv=None):
 
     cols = [c for c in COLUMNS if c in next(iter(rows.values()))]
     lines = [f"{len(objects)} objects of {', '.join(args.json)}; extreme points + up to {args.max_interactions - 4} "
-             f"corrections (annotator stops at IoU {args.stop_iou}){', preview' if args.preview else ''}. "
+             f"corrections (annotator stops at IoU {args.stop_iou}; rows marked (preview): corrections through "
+             "correct(preview=True)). "
              "mIoU, failed (never reaching the IoU within the cap) and F in percent; NoC counts the 4 extreme points.", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
@@ -138,7 +145,7 @@ def main(argv=None):
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output + ".md").write_text(table + "\n")
         Path(args.output + ".json").write_text(json.dumps(
-            {**settings, "summary": rows, "ious": curves, "object_ids": used_ids}))
+            {**settings, "preview": args.preview, "summary": rows, "ious": curves, "object_ids": used_ids}))
 
 
 def paired_table(curves, object_ids, max_interactions, seed=0):
