@@ -131,9 +131,10 @@ def main(argv=None):
         raise SystemExit("nothing to tabulate: give --model and/or --merge")
 
     cols = [c for c in COLUMNS if c in next(iter(rows.values()))]
+    preview_note = ("; rows marked (preview): corrections through correct(preview=True)"
+                    if any(n.endswith(" (preview)") for n in rows) else "")
     lines = [f"{len(objects)} objects of {', '.join(args.json)}; extreme points + up to {args.max_interactions - 4} "
-             f"corrections (annotator stops at IoU {args.stop_iou}; rows marked (preview): corrections through "
-             "correct(preview=True)). "
+             f"corrections (annotator stops at IoU {args.stop_iou}){preview_note}. "
              "mIoU, failed (never reaching the IoU within the cap) and F in percent; NoC counts the 4 extreme points.", "",
              "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in rows.items():
