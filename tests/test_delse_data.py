@@ -199,3 +199,51 @@ def test_mapper_on_rle_nuclei(cfg, dsb2018_dir):
         assert bool((tsdf[mask] > 0).all()) and bool((tsdf[~mask] < 0).all())
         pts = out["extreme_points"]
         assert ((pts >= 0) & (pts <= S - 1)).all()
+
+
+def test_rotate_and_scale_moves_image_and_mask_together():
+    """A 100 x 10 bar rotated by 30 degrees about its centre: its box becomes
+    100 cos 30 + 10 sin 30 = 91.6 wide and 100 sin 30 + 10 cos 30 = 58.7 high (scale 1); at
+    scale 1.2 both sides grow by 1.2; the image's bright pixels stay the mask's."""
+    from delse.data import mask_box, rotate_and_scale
+
+    mask = np.zeros((200, 240), bool)
+    mask[95:105, 70:170] = True
+    image = np.zeros((200, 240, 3), np.uint8)
+    image[mask] = 255
+    for scale in (1.0, 1.2):
+        warped_image, warped_mask = rotate_and_scale(image, mask, 30.0, scale)
+        x0, y0, x1, y1 = mask_box(warped_mask)
+        assert abs((x1 - x0) - 91.6 * scale) <= 2 and abs((y1 - y0) - 58.7 * scale) <= 2
+        assert abs(warped_mask.sum() - 1000 * scale**2) <= 0.05 * 1000 * scale**2  # area x scale^2
+        bright = warped_image[..., 0] >= 128
+        assert (bright & warped_mask).sum() / (bright | warped_mask).sum() > 0.95
+        # Rotated about the box centre (119.5, 99.5 in pixel indices): the centre stays.
+        ys, xs = np.nonzero(warped_mask)
+        assert abs(xs.mean() - 119.5) < 1 and abs(ys.mean() - 99.5) < 1
+
+
+def test_mapper_rotation_only_in_training(cfg, instances):
+    """With RANDOM_ROTATION the training crops of one elongated instance vary in how much of the
+    crop the mask fills; at test time the option is ignored (the crop is the un-augmented one)."""
+    from delse.data import DELSEDatasetMapper
+
+    c = cfg.clone()
+    c.INPUT.DELSE.RANDOM_ROTATION = 30.0
+    c.INPUT.DELSE.RANDOM_SCALE = (0.8, 1.2)
+    c.INPUT.DELSE.RANDOM_FLIP = False
+    c.INPUT.DELSE.EXTREME_POINT_JITTER = 0
+    plain = cfg.clone()
+    plain.INPUT.DELSE.RANDOM_FLIP = False
+    plain.INPUT.DELSE.EXTREME_POINT_JITTER = 0
+    inst = instances[0]
+    np.random.seed(0)
+    fills = {float(DELSEDatasetMapper(c, True)(inst)["gt_mask"].float().mean()) for _ in range(6)}
+    reference = float(DELSEDatasetMapper(plain, True)(inst)["gt_mask"].float().mean())
+    assert len(fills) >= 5 and max(abs(f - reference) for f in fills) > 0.01
+    test_sample = DELSEDatasetMapper(c, False)(inst)
+    assert torch.equal(test_sample["gt_mask"], DELSEDatasetMapper(plain, False)(inst)["gt_mask"])
+    with pytest.raises(ValueError, match="RANDOM_SCALE"):
+        bad = cfg.clone()
+        bad.INPUT.DELSE.RANDOM_SCALE = (1.2, 0.8)
+        DELSEDatasetMapper(bad, True)

@@ -194,6 +194,26 @@ def crop_matrix(crop_box, size):
     return np.array([[sx, 0.0, sx * (0.5 - x0) - 0.5], [0.0, sy, sy * (0.5 - y0) - 0.5]])
 
 
+def rotate_and_scale(image, mask, degrees, scale):
+    """DEXTR's ``ScaleNRotate`` training augmentation: the image and the instance mask rotated by
+    ``degrees`` (counter-clockwise) and scaled by ``scale`` about the mask box's centre, on a canvas of
+    the image's size (what leaves it is cut, in both alike; zeros come in).
+
+    Args:
+        image: (H, W, 3) uint8; mask: (H, W) bool, not empty; degrees: float; scale: float > 0.
+    Returns:
+        (image, mask) warped, same shapes and dtypes; the mask may be empty if the object left the canvas.
+    """
+    H, W = mask.shape
+    x0, y0, x1, y1 = mask_box(mask)
+    # Pixel indices: the box's centre in index units is its continuous centre minus 0.5.
+    M = cv2.getRotationMatrix2D(((x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5), float(degrees), float(scale))
+    image = cv2.warpAffine(image, M, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    mask = cv2.warpAffine(mask.astype(np.float32), M, (W, H), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0) >= 0.5
+    return image, mask
+
+
 def warp_to_crop(array, crop_box, size, interpolation=cv2.INTER_LINEAR):
     """Crop ``crop_box`` out of an (H, W[, C]) array and resize it to (size, size); zero outside."""
     return cv2.warpAffine(
@@ -271,13 +291,15 @@ class DELSEDatasetMapper:
         extreme_points: (4, 2) float32 (x, y) in crop pixels.
         gt_mask: (S, S) bool. gt_tsdf: (1, S, S) TSDF in crop pixels, truncated at D, positive
         inside. gt_direction: (2, S, S) unit (vx, vy) towards the GT boundary (eq. 5).
-        crop_box: (4,) float64 (x0, y0, x1, y1) in image pixels; plus file_name, height, width,
+        crop_box: (4,) float64 (x0, y0, x1, y1) in image pixels (of the rotated and scaled image
+        when that training augmentation is on); plus file_name, height, width,
         image_id, instance_id, category_id and, at test time, the annotation.
     """
 
     @configurable
     def __init__(self, is_train, *, input_size, crop_margin, crop_mode, jitter, noise,
-                 heatmap_sigma, tsdf_truncation, image_format, random_flip):
+                 heatmap_sigma, tsdf_truncation, image_format, random_flip,
+                 random_rotation=0.0, random_scale=(1.0, 1.0)):
         self.is_train = is_train
         self.input_size = int(input_size)
         self.crop_margin = float(crop_margin)
@@ -288,6 +310,10 @@ class DELSEDatasetMapper:
         self.tsdf_truncation = float(tsdf_truncation)
         self.image_format = image_format
         self.random_flip = bool(random_flip) and is_train
+        self.random_rotation = float(random_rotation) if is_train else 0.0
+        self.random_scale = tuple(float(v) for v in random_scale) if is_train else (1.0, 1.0)
+        if len(self.random_scale) != 2 or not 0 < self.random_scale[0] <= self.random_scale[1]:
+            raise ValueError(f"INPUT.DELSE.RANDOM_SCALE must be (min, max) with 0 < min <= max, got {random_scale}")
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
@@ -303,6 +329,8 @@ class DELSEDatasetMapper:
             "tsdf_truncation": cfg.MODEL.DELSE.TSDF_TRUNCATION,
             "image_format": cfg.INPUT.FORMAT,
             "random_flip": d.RANDOM_FLIP,
+            "random_rotation": d.RANDOM_ROTATION,
+            "random_scale": d.RANDOM_SCALE,
         }
 
     def __call__(self, record):
@@ -317,6 +345,11 @@ class DELSEDatasetMapper:
         # (numpy's global state, which Detectron2 seeds per worker, seeds the training draws).
         seed = np.random.randint(2**31) if self.is_train else _stable_seed(record.get("instance_id"))
         rng = np.random.default_rng(seed)
+        if self.random_rotation > 0 or self.random_scale != (1.0, 1.0):
+            warped = rotate_and_scale(image, mask, rng.uniform(-self.random_rotation, self.random_rotation),
+                                      rng.uniform(*self.random_scale))
+            if warped[1].any():  # else the object left the canvas: keep the sample as it is
+                image, mask = warped
         points = extreme_points(mask, self.jitter, rng)
         box = mask_box(mask)
         if self.noise > 0:
