@@ -24,8 +24,9 @@ ALLOWED = {
 }
 OURS = set(PACKAGES) | {"detectron2"}
 # Tests of the entry points that serve both projects (train_net.py, demo.py), of the shared layer's
-# CUDA paths on both projects' models (test_gpu.py), and of the layering itself.
-CROSS_PROJECT_TESTS = {"test_train_net.py", "test_demo.py", "test_gpu.py", "test_layering.py"}
+# CUDA paths and CPU mixed precision on both projects' models (test_gpu.py, test_cpu_amp.py), and of the
+# layering itself.
+CROSS_PROJECT_TESTS = {"test_train_net.py", "test_demo.py", "test_gpu.py", "test_cpu_amp.py", "test_layering.py"}
 
 
 def imported_packages(path: Path):
