@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from _configs import shared_cfg as _cfg
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "LevelSetRCNN" / "tiny_levelset_rcnn_synthetic.yaml"
 DELSE_DEMO = REPO / "configs" / "DELSE" / "demo_delse_synthetic.yaml"
@@ -20,15 +22,6 @@ TRAIN_OPTS = ["MODEL.DEVICE", "cpu", "DATASETS.TEST", [], "SOLVER.IMS_PER_BATCH"
               "DATALOADER.NUM_WORKERS", 0]
 
 
-def _cfg(config, *opts):
-    import delse  # noqa: F401  (registration)
-    import levelset_rcnn  # noqa: F401
-    from levelset_d2.config import get_cfg
-
-    cfg = get_cfg()
-    cfg.merge_from_file(str(config))
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def _train_recording_conv_dtypes(cfg):

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from _configs import shared_cfg as _cfg
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"),
@@ -49,15 +51,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _cfg(config, *opts):
-    import delse  # noqa: F401  (registration)
-    import levelset_rcnn  # noqa: F401
-    from levelset_d2.config import get_cfg
-
-    cfg = get_cfg()
-    cfg.merge_from_file(str(config))
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def _losses(trainer):
