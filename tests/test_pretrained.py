@@ -21,7 +21,8 @@ from detectron2.modeling import build_resnet_backbone
 from detectron2.utils.file_io import PathManager
 from levelset_d2.checkpoint import SafeDetectionCheckpointer
 from levelset_d2.datasets import shared_data_root
-from levelset_d2.pretrained import DEFAULT_OUT, DETECTRON2_URL, KERAS_BN_EPS, convert, link_into_cache
+from levelset_d2.pretrained import (DEFAULT_OUT, DETECTRON2_URL, KERAS_BN_EPS, convert, iopath_cache_target,
+                                    place_in_cache)
 
 PKL = DEFAULT_OUT / "R-50.pkl"
 COCO_IMAGES = shared_data_root() / "coco_val2017_sample" / "images"
@@ -83,30 +84,43 @@ def r50():
 
 def test_detectron2_url_resolves_to_the_converted_file():
     _need(PKL, "run `make pretrained`")
+    entry = iopath_cache_target()
+    if not entry.is_symlink() and entry.is_file() and not entry.with_name(entry.name + ".converted.json").is_file():
+        pytest.skip(f"{entry} is a real R-50.pkl downloaded earlier; `make pretrained` leaves it alone")
     local = Path(PathManager.get_local_path(DETECTRON2_URL))
-    if local.resolve() != PKL.resolve() and not local.is_symlink():
-        pytest.skip(f"{local} is a real R-50.pkl downloaded earlier; `make pretrained` leaves it alone")
-    assert local.resolve() == PKL.resolve()
+    assert local.is_file() and not local.is_symlink(), f"{local}: run `make pretrained`"
+    assert local.read_bytes() == PKL.read_bytes()
 
 
-def test_cache_link_follows_the_checkout_set_up_last_and_spares_real_downloads(tmp_path):
-    # A second checkout (a CI clone, a worktree) running `make pretrained` must take the link over,
-    # also when the first checkout's file is gone; a real downloaded R-50.pkl is never replaced.
-    old, new = tmp_path / "old" / "R-50.pkl", tmp_path / "new" / "R-50.pkl"
-    for p, text in ((old, b"old"), (new, b"new")):
+def test_cache_entry_outlives_its_checkout_follows_new_conversions_and_spares_real_downloads(tmp_path):
+    # Checkout A runs `make pretrained`, then is deleted (a CI clone): checkout B must still resolve the URL.
+    a, b = tmp_path / "a" / "R-50.pkl", tmp_path / "b" / "R-50.pkl"
+    for p, text in ((a, b"conversion 1"), (b, b"conversion 1")):
         p.parent.mkdir()
         p.write_bytes(text)
-    link = tmp_path / "cache" / "R-50.pkl"
-    link_into_cache(old, link)
-    assert link.read_bytes() == b"old"
-    old.unlink()  # the first checkout was deleted: a dangling link
-    assert "was" in link_into_cache(new, link)
-    assert link.read_bytes() == b"new" and link.resolve() == new.resolve()
-    assert "already linked" in link_into_cache(new, link)
-    link.unlink()
-    link.write_bytes(b"downloaded")
-    assert "left alone" in link_into_cache(new, link)
-    assert link.read_bytes() == b"downloaded" and not link.is_symlink()
+    entry = tmp_path / "cache" / "R-50.pkl"
+    assert "placed" in place_in_cache(a, entry)
+    a.unlink()
+    a.parent.rmdir()
+    assert entry.read_bytes() == b"conversion 1" and not entry.is_symlink()
+    assert "already in place" in place_in_cache(b, entry)
+    # A changed conversion (rebuilt with os.replace, as ensure_r50 writes) replaces the entry this function placed.
+    tmp = b.with_suffix(".tmp")
+    tmp.write_bytes(b"conversion 2")
+    tmp.replace(b)
+    assert "replacing an earlier conversion" in place_in_cache(b, entry)
+    assert entry.read_bytes() == b"conversion 2"
+    # A symlink left by earlier versions (here dangling: its checkout is gone) is replaced by the bytes.
+    entry.unlink()
+    entry.symlink_to(tmp_path / "deleted" / "R-50.pkl")
+    assert "replacing the symlink" in place_in_cache(b, entry)
+    assert entry.read_bytes() == b"conversion 2" and not entry.is_symlink()
+    # A real download (no marker beside it) is never replaced.
+    entry.unlink()
+    entry.with_name("R-50.pkl.converted.json").unlink()
+    entry.write_bytes(b"downloaded")
+    assert "left alone" in place_in_cache(b, entry)
+    assert entry.read_bytes() == b"downloaded"
 
 
 def test_every_backbone_tensor_is_loaded(r50):
