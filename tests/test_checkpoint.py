@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from levelset_d2.checkpoint import SafeDetectionCheckpointer, UnsafeCheckpointError
+from levelset_d2.checkpoint import SafeDetectionCheckpointer, UnsafeCheckpointError, WeightsUnavailableError
 
 
 class _Payload:
@@ -80,6 +80,18 @@ def test_malicious_pkl_is_refused_and_model_zoo_pkl_loads(tmp_path):
     SafeDetectionCheckpointer(model).load(str(good))
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), state[k])
+
+
+def test_weights_url_that_cannot_be_fetched_names_the_url_and_the_offline_way(tmp_path, monkeypatch):
+    # ".invalid" never resolves (RFC 2606): the download fails at once, with or without internet.
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    url = "https://weights.invalid/ImageNetPretrained/R-50.pkl"
+    with pytest.raises(WeightsUnavailableError, match=r"weights\.invalid.*make pretrained") as info:
+        SafeDetectionCheckpointer(nn.Linear(2, 2)).load(url)
+    assert str(tmp_path / "cache") in str(info.value)
+    # A local file that is missing keeps Detectron2's own behaviour (no URL involved).
+    with pytest.raises(AssertionError, match="not found"):
+        SafeDetectionCheckpointer(nn.Linear(2, 2)).load(str(tmp_path / "missing.pth"))
 
 
 def test_cpu_inference_preparation_keeps_the_outputs():
