@@ -8,8 +8,9 @@ mark). The run is train_net.py's (resumable with --resume, multi-GPU with --num-
 --interactive-iters N, then N iterations of interactive fine-tuning from those weights on the same data (the
 recipe of configs/DELSE/delse_R_50_coco128_interactive.yaml: U{0..3} simulated drags per sample through the
 motion-editing block, which the first stage leaves untrained: without it a preview is the full pass). Off by
-default: measured on 100 COCO-MVal objects (BENCHMARKS.md section 6), 100 such iterations cost 1.6 mIoU from
-the extreme points and gave drags no edge over clicks; they buy a 51 ms preview instead of a 257 ms pass. At the end the command prints how to serve the model, with each
+default: 100 such iterations cost 1.3 mIoU from the extreme points (200 COCO-MVal objects, BENCHMARKS.md
+section 7d); they buy a 51 ms preview instead of a 257 ms pass and drags that beat extra clicks (+0.4 IoU at the
+first correction, signed drag channels). At the end the command prints how to serve the model, with each
 drag enforced on the contour (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b).
 
     .venv/bin/python tools/train_annotator.py --num-gpus 8                       # coco128-seg, the config's budget
