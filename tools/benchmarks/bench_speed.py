@@ -19,7 +19,7 @@ TSDF targets, and peak memory; then the ratios LevelSet R-CNN / Mask R-CNN.
 ``--heads`` times the mask branches alone instead, in one process, alternating round by round:
 Mask R-CNN's, LevelSet R-CNN's (paper features), LevelSet R-CNN's with MODEL.LEVELSET.IMAGE_FEATURES
 "raw" (crops pooled from the image included), and the cheaper Chan-Vese features heads
-(FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0), and the standardised Chan-Vese features, alone and read
+(FEATURES_INPUT "tsdf_convs" / FEATURES_NUM_CONV 0; FEATURES_CONV_DIM 64), and the standardised Chan-Vese features, alone and read
 from p2 pooled at 28 x 28 (that RoIAlign itself not timed); on ``--device``; it reports the median time per RoI and the
 ratio to Mask R-CNN's head. Random weights and inputs (R-50 COCO configs: 256 x 14 x 14 pooled
 features, 80 classes, boxes of 5-35 % of an 800 x 1216 image).
@@ -134,6 +134,8 @@ HEADS = {
     "+ image crop, shared convs": ("levelset_rcnn", IMAGE + SHARED_CONVS),
     "+ image crop, no features conv": ("levelset_rcnn", IMAGE + NO_CONV),
     "paper features, shared convs": ("levelset_rcnn", SHARED_CONVS),
+    # Issue #21 speed goal: the features head's one conv EMBED_CHANNELS (64) wide instead of 256.
+    "paper features, 64-wide features conv": ("levelset_rcnn", ["MODEL.LEVELSET.FEATURES_CONV_DIM", "64"]),
     # Issue #21 item 4: F standardised; and read from p2 pooled again at 28 x 28 (64-wide convs).
     "standardised F": ("levelset_rcnn", ["MODEL.LEVELSET.STANDARDIZE_FEATURES", "True"]),
     "standardised F from p2 at 28": ("levelset_rcnn", [
