@@ -27,6 +27,12 @@ features, 80 classes, boxes of 5-35 % of an 800 x 1216 image).
     .venv/bin/python tools/benchmarks/bench_speed.py --heads [--rois 50] [--rounds 15] [--threads 2]
     .venv/bin/python tools/benchmarks/bench_speed.py --profile "+ image crop, no features conv" [--rois 100]
 
+``--breakdown HEAD`` (implies ``--heads``) times the parts of one LevelSet R-CNN head (initial TSDF head,
+hyperparameter head, Chan-Vese features head, the steps) beside the whole heads, in alternation: where
+its extra time over Mask R-CNN's head goes.
+
+    .venv/bin/python tools/benchmarks/bench_speed.py --breakdown "LevelSet R-CNN"
+
 ``--profile HEAD`` (implies ``--heads``) times nothing else: it prints ``torch.profiler``'s operator
 table (self CPU time) for ``--rounds`` calls of that head (where its time goes).
 """
@@ -196,6 +202,8 @@ def measure_heads(args):
 
     for name in heads:  # warm-up
         run(name)
+    if args.breakdown:
+        return measure_breakdown(args, heads, run, x, classes)
     if args.profile:
         from torch.profiler import profile
 
@@ -214,6 +222,55 @@ def measure_heads(args):
     base = ms["Mask R-CNN"]
     for name, v in ms.items():
         print(f"  {name}: {v:.2f} ({v / base:.2f}x Mask R-CNN)")
+
+
+def measure_breakdown(args, heads, run, x, classes):
+    """``--breakdown HEAD``: the whole Mask R-CNN head, the whole HEAD, and HEAD's parts (its public
+    layers, called one by one on the same RoI features), timed in alternation over ``--rounds``."""
+    import torch
+
+    from levelset_rcnn.mask_head import select_class
+
+    head = heads[args.breakdown]
+    if getattr(head, "image_crop_resolution", 0) or getattr(head, "features_pooler_resolution", 0) \
+            or not hasattr(head, "chan_vese_features"):
+        raise SystemExit(f"--breakdown: {args.breakdown!r} is not a LevelSet R-CNN head on the pooled RoI features alone")
+    with torch.no_grad():
+        out = head.layers(x)
+        phi0 = head.upsample(select_class(out["initial_tsdf"], classes))
+    source = (lambda: head.tsdf_convs(x)) if head.features_input == "tsdf_convs" else (lambda: x)
+
+    def timed(f):
+        def seconds():
+            _sync(args.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                f()
+            _sync(args.device)
+            return time.perf_counter() - t0
+        return seconds
+
+    parts = {  # name -> callable returning seconds
+        "Mask R-CNN head (whole)": lambda: run("Mask R-CNN"),
+        f"{args.breakdown} (whole)": lambda: run(args.breakdown),
+        "  initial TSDF head (Mask R-CNN's layers + tanh)": timed(lambda: head.initial_tsdf(x)),
+        "  hyperparameter head": timed(lambda: head.hyperparameter_head(x)),
+        "  Chan-Vese features head": timed(lambda: head.chan_vese_features(source())),
+        "  Chan-Vese steps (levelset.chan_vese)": timed(lambda: head.evolve(phi0, out)),
+    }
+    times = {name: [] for name in parts}
+    for _ in range(args.rounds):
+        for name, seconds in parts.items():
+            times[name].append(seconds())
+    R = x.shape[0]
+    base = 1000 * float(np.median(times["Mask R-CNN head (whole)"])) / R
+    print(f"{args.breakdown}: {R} RoIs, {args.rounds} rounds, {args.threads} threads; median ms per RoI "
+          "(share of Mask R-CNN's whole head):")
+    ms = {name: 1000 * float(np.median(t)) / R for name, t in times.items()}
+    for name, v in ms.items():
+        print(f"  {name}: {v:.2f} ({v / base:.2f}x)")
+    rest = ms[f"{args.breakdown} (whole)"] - sum(v for name, v in ms.items() if name.startswith("  "))
+    print(f"  rest (class selection, upsampling, masks; whole minus parts): {rest:.2f} ({rest / base:.2f}x)")
 
 
 def measure_interleaved(args):
@@ -382,10 +439,13 @@ def main():
     heads.add_argument("--threads", type=int, default=2, help="torch threads")
     heads.add_argument("--profile", choices=list(HEADS), metavar="HEAD",
                        help=f"profile this head instead of timing all (implies --heads); one of {list(HEADS)}")
+    heads.add_argument("--breakdown", choices=list(HEADS), metavar="HEAD",
+                       help="time this LevelSet R-CNN head's parts (initial TSDF, hyperparameter and features "
+                            "heads, Chan-Vese steps) beside the whole heads (implies --heads)")
     ap.add_argument("--measure", choices=[*CONFIGS, "interleaved"], help=argparse.SUPPRESS)
     ap.add_argument("--shared-weights", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.heads or args.profile:
+    if args.heads or args.profile or args.breakdown:
         args.rounds = HEADS_ROUNDS if args.rounds is None else args.rounds
         return measure_heads(args)
     args.rounds = 3 if args.rounds is None else args.rounds
