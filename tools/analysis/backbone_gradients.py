@@ -82,7 +82,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     batches = None
-    print(f"| model | detector gradient | mask gradient | mask / detector | mask loss |")
+    print("| model | detector gradient | mask gradient | mask / detector | mask loss |")
     print("|---|---|---|---|---|")
     for name, config_file, *opts in args.model:
         cfg = load_cfg(config_file, opts)
