@@ -17,8 +17,8 @@ hands the backbone to the mask branch; it does not say what that costs in AP (th
     .venv/bin/python tools/analysis/backbone_gradients.py \\
         --model "Mask R-CNN" configs/LevelSetRCNN/mask_rcnn_R_50_FPN_dsb2018.yaml \\
         --model "LevelSet R-CNN" configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_dsb2018.yaml \\
-        --model "LevelSet R-CNN, COCO loss weights" configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_dsb2018.yaml \\
-            MODEL.LEVELSET.LOSS_WEIGHT_PHI0 0.2 MODEL.LEVELSET.LOSS_WEIGHT_PHIN 1.0
+        --model "LevelSet R-CNN, nuclei weights 1 / 5" configs/LevelSetRCNN/levelset_rcnn_R_50_FPN_dsb2018.yaml \\
+            MODEL.LEVELSET.LOSS_WEIGHT_PHI0 1.0 MODEL.LEVELSET.LOSS_WEIGHT_PHIN 5.0
 
 ``--model NAME CONFIG [KEY VALUE ...]``: the overrides after the config apply to that model only.
 """
