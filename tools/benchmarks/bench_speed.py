@@ -238,7 +238,8 @@ def measure_breakdown(args, heads, run, x, classes):
     with torch.no_grad():
         out = head.layers(x)
         phi0 = head.upsample(select_class(out["initial_tsdf"], classes))
-    source = (lambda: head.tsdf_convs(x)) if head.features_input == "tsdf_convs" else (lambda: x)
+        # What the features head reads; the TSDF head's convs (FEATURES_INPUT tsdf_convs) are timed there.
+        source = head.tsdf_convs(x) if head.features_input == "tsdf_convs" else x
 
     def timed(f):
         def seconds():
@@ -255,7 +256,7 @@ def measure_breakdown(args, heads, run, x, classes):
         f"{args.breakdown} (whole)": lambda: run(args.breakdown),
         "  initial TSDF head (Mask R-CNN's layers + tanh)": timed(lambda: head.initial_tsdf(x)),
         "  hyperparameter head": timed(lambda: head.hyperparameter_head(x)),
-        "  Chan-Vese features head": timed(lambda: head.chan_vese_features(source())),
+        "  Chan-Vese features head": timed(lambda: head.chan_vese_features(source)),
         "  Chan-Vese steps (levelset.chan_vese)": timed(lambda: head.evolve(phi0, out)),
     }
     times = {name: [] for name in parts}
