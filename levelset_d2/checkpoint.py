@@ -14,14 +14,15 @@ import io
 import os
 import pickle
 import tempfile
+from typing import Dict, Sequence
 from urllib.parse import urlparse
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["SafeDetectionCheckpointer", "read_pkl_checkpoint", "safe_pickle_load", "UnsafeCheckpointError",
-           "WeightsUnavailableError"]
+__all__ = ["SafeDetectionCheckpointer", "average_checkpoints", "read_pkl_checkpoint", "safe_pickle_load",
+           "save_weights", "UnsafeCheckpointError", "WeightsUnavailableError"]
 
 REMOTE_SCHEMES = ("detectron2", "catalog", "http", "https")  # what iopath downloads into its cache
 
@@ -157,3 +158,43 @@ def read_pkl_checkpoint(f, name: str) -> dict:
     data = data.get("blobs", data)
     data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
     return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def average_checkpoints(paths: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """The element-wise mean of the ``"model"`` weights of several ``.pth`` checkpoints of one training run
+    (checkpoint averaging, as in Izmailov et al. 2018, "Averaging weights leads to wider optima").
+
+    Floating-point tensors are averaged in float64 and cast back to their dtype; other tensors (integer
+    counters) are taken from the last checkpoint. Every file is read with ``torch.load(weights_only=True)``.
+    Batch-norm running statistics are averaged like weights, which suits FrozenBN and GroupNorm models;
+    a model with trainable BatchNorm would need its statistics recomputed.
+
+    Raises:
+        ValueError: fewer than two files, or a file whose tensor names or shapes differ from the first's
+            (named in the message).
+    """
+    if len(paths) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {list(paths)}")
+    first, total = None, None
+    for path in paths:
+        try:
+            model = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        except (KeyError, TypeError):
+            raise ValueError(f"{path}: not a Detectron2 checkpoint (no 'model' weights)") from None
+        if first is None:
+            first = {k: (v.dtype, v.shape) for k, v in model.items()}
+            total = {k: v.double() if v.is_floating_point() else v for k, v in model.items()}
+            continue
+        if set(model) != set(first):
+            diff = sorted(set(model) ^ set(first))[:5]
+            raise ValueError(f"{path}: its weights differ in name from {paths[0]}'s (e.g. {diff})")
+        for k, v in model.items():
+            if v.shape != first[k][1]:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, {paths[0]} has {tuple(first[k][1])}")
+            total[k] = total[k] + v.double() if v.is_floating_point() else v
+    return {k: (v / len(paths)).to(first[k][0]) if first[k][0].is_floating_point else v for k, v in total.items()}
+
+
+def save_weights(weights: Dict[str, torch.Tensor], path: str, **extra) -> None:
+    """Write ``{"model": weights, **extra}`` to ``path`` atomically, loadable as ``MODEL.WEIGHTS``."""
+    _atomic_write(path, lambda f: torch.save({"model": weights, **extra}, f))

@@ -2,6 +2,7 @@
 with a clear reason where it is absent (a user's machine) and run wherever it is present. With the
 environment variable CI set (`.ci/run` sets it) a missing data directory fails those tests instead,
 so CI cannot stay green without its real-data tests."""
+import importlib
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from levelset_d2.datasets import shared_data_root
 
 SHARED_DATA = shared_data_root()
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _require(path: Path) -> Path:
@@ -56,3 +58,13 @@ def label_studio(tmp_path_factory):
         yield url, pat, login, log
     finally:
         stop(proc)
+
+
+@pytest.fixture
+def import_tool(monkeypatch):
+    """Import a script of ``tools/`` as a module: ``import_tool("analysis", "eval_gt_boxes")``. Its folder
+    is put on ``sys.path`` for this test only (undone afterwards)."""
+    def load(folder: str, name: str):
+        monkeypatch.syspath_prepend(str(REPO / "tools" / folder))
+        return importlib.import_module(name)
+    return load

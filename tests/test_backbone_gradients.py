@@ -1,8 +1,6 @@
 """tools/analysis/backbone_gradients.py: the per-group backbone gradient norms are those of the loss groups
 alone, so scaling the mask branch's loss weights scales the mask norm by exactly that factor and leaves the
 detector's unchanged (the same weights, batches and RoI sampling)."""
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,15 +9,10 @@ from detectron2.modeling import build_model
 
 from _configs import tiny_cfg
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
-def tool(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "tools" / "analysis"))  # undone after the test
-    import backbone_gradients
-
-    return backbone_gradients
+def tool(import_tool):
+    return import_tool("analysis", "backbone_gradients")
 
 
 def test_loss_groups(tool):

@@ -148,11 +148,8 @@ def test_summary_means_noc_and_failures_over_objects():
 
 
 @pytest.fixture
-def noc_tool(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools" / "benchmarks"))
-    import bench_delse_noc
-
-    return bench_delse_noc
+def noc_tool(import_tool):
+    return import_tool("benchmarks", "bench_delse_noc")
 
 
 def test_the_tool_scores_real_objects_from_their_extreme_points_like_the_predictor(noc_tool, coco_sample_dir, tmp_path):

@@ -11,11 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def tool(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "tools" / "analysis"))  # undone after the test
-    import eval_gt_boxes
-
-    return eval_gt_boxes
+def tool(import_tool):
+    return import_tool("analysis", "eval_gt_boxes")
 
 
 def test_object_metrics_by_hand(tool):

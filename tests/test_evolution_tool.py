@@ -11,17 +11,16 @@ from pycocotools import mask as mask_util
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _tool(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "tools" / "analysis"))  # undone after the test
-    import evolution
-    return evolution
+@pytest.fixture
+def tool(import_tool):
+    return import_tool("analysis", "evolution")
 
 
 # The image-crop option pools what LevelSetROIHeads passes the head; the tool must pool the same.
 @pytest.mark.parametrize("opts", [[], ["MODEL.ROI_HEADS.NAME", "LevelSetROIHeads", "MODEL.LEVELSET.IMAGE_FEATURES", "raw"]],
                          ids=["paper", "image_features"])
-def test_ious_match_the_predictor_and_summary_counts(opts, monkeypatch):
-    ae = _tool(monkeypatch)
+def test_ious_match_the_predictor_and_summary_counts(opts, tool):
+    ae = tool
     import levelset_rcnn
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
@@ -69,12 +68,12 @@ def test_ious_match_the_predictor_and_summary_counts(opts, monkeypatch):
     assert "| share of the boundary band (±2 px of phi_0's zero level) flipped | 0.3000 | 0.3000 |" in text
 
 
-def test_frozen_phi0_caches_what_the_mask_branch_reads_and_scores_phi0(monkeypatch):
+def test_frozen_phi0_caches_what_the_mask_branch_reads_and_scores_phi0(tool, monkeypatch):
     """The cached RoIs are the model's own (pooled features and phi_0 of its detections at the test
     size), and the held-out phi_0 IoU is the plain IoU of phi_0 > 0 with the cropped GT mask."""
     import random
 
-    ev = _tool(monkeypatch)
+    ev = tool
     import levelset_rcnn
     from levelset_rcnn import analysis
     from detectron2.data import DatasetCatalog

@@ -39,12 +39,11 @@ def test_trains_on_a_users_json_and_prints_the_serve_line(tmp_path, coco_sample_
     assert words[-2:] == ["MODEL.DELSE.DRAG_EDIT", "result"]
 
 
-def test_interactive_stage_is_the_interactive_config():
+def test_interactive_stage_is_the_interactive_config(import_tool):
     """The tool's interactive overrides, applied to the R-50 config, give what
     configs/DELSE/delse_R_50_coco128_interactive.yaml declares (one recipe, two ways to run it)."""
-    sys.path.insert(0, str(REPO / "tools"))
     import delse
-    from train_annotator import interactive_opts
+    interactive_opts = import_tool(".", "train_annotator").interactive_opts
 
     from_yaml = delse.get_cfg()
     from_yaml.merge_from_file(str(REPO / "configs/DELSE/delse_R_50_coco128_interactive.yaml"))
