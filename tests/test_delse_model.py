@@ -145,6 +145,44 @@ def test_samples_without_drags_keep_their_motion_field(sample_image):
     assert not torch.allclose(plain[1], edited[1])
 
 
+def _mirror(out):
+    """Branch outputs of a mirrored crop, brought back: flipped left-right, V's x component negated."""
+    m = {k: v.flip(-1) for k, v in out.items()}
+    m["motion"] = torch.cat([-m["motion"][:, :1], m["motion"][:, 1:]], dim=1)
+    return m
+
+
+def test_test_time_flip_makes_branches_mirror_equivariant(sample_image):
+    """TEST.DELSE.FLIP: the outputs on a mirrored crop are the mirrored outputs (V's x component
+    negated), exactly; the plain network is not; training is a single pass either way."""
+    from delse import DELSEDatasetMapper
+
+    cfg = _cfg(**{"TEST.DELSE.FLIP": True})
+    torch.manual_seed(0)
+    model = _build(cfg).eval()
+    batch = [DELSEDatasetMapper(cfg, False)(x) for x in sample_image[:2]]
+    images = torch.stack([b["image"] for b in batch]).float()
+    heat = torch.stack([b["extreme_heatmap"] for b in batch])
+    if heat.dim() == 3:
+        heat = heat[:, None]
+    with torch.no_grad():
+        out = model.branches(images, heat)
+        out_mirrored = _mirror(model.branches(images.flip(-1), heat.flip(-1)))
+        model.test_flip = False
+        plain = model.branches(images, heat)
+        plain_mirrored = _mirror(model.branches(images.flip(-1), heat.flip(-1)))
+        model.test_flip = True
+        model.train()
+        assert torch.equal(model.branches(images, heat)["phi0"], model._branches(images, heat)["phi0"])
+    for k in ("phi0", "motion", "modulation"):
+        torch.testing.assert_close(out_mirrored[k], out[k], atol=1e-5, rtol=1e-4)
+        # Without it, mirroring changes the outputs by far more than the tolerance above.
+        assert (plain_mirrored[k] - plain[k]).abs().max() > 1e-3, k
+        # The mean of the two passes: between them wherever they differ.
+        lo, hi = torch.minimum(plain[k], plain_mirrored[k]), torch.maximum(plain[k], plain_mirrored[k])
+        assert ((out[k] >= lo - 1e-5) & (out[k] <= hi + 1e-5)).all(), k
+
+
 @pytest.fixture(scope="module")
 def trained(sample_image, tmp_path_factory):
     """A tiny DELSE overfitted on one real image (pre-training, then joint with corrections)."""

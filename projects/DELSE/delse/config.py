@@ -138,6 +138,11 @@ def add_delse_config(cfg):
     cfg.TEST.DELSE = CN()
     # Pixel tolerances of the boundary F-measure curve (DAVIS multi-scale evaluation, Fig. 5).
     cfg.TEST.DELSE.BOUNDARY_TOLERANCES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    # Test-time mirroring (not in the paper): the branches' outputs (phi_0, V with its x component
+    # negated, m; the baseline's logits) averaged over the crop and its left-right mirror, then one
+    # evolution. Costs a second encoder pass per prediction and per full correction (a preview
+    # reuses the averaged outputs). Measured in BENCHMARKS.md section 6.
+    cfg.TEST.DELSE.FLIP = False
     # Also report the mIoU at the mask threshold that maximises it on the evaluated set (the
     # paper's protocol for DEXTR and DELSE alike, after DEXTR; optimistic: tuned on the test data),
     # beside the default threshold's mIoU. On for every model so the comparison stays symmetric.

@@ -236,6 +236,7 @@ class DELSE(nn.Module):
         heatmap_sigma=10.0,
         edit_signed_drags=False,
         edit_reads_phi0=False,
+        test_flip=False,
     ):
         super().__init__()
         self.encoder = encoder
@@ -284,6 +285,7 @@ class DELSE(nn.Module):
         self.heatmap_sigma = float(heatmap_sigma)
         self.edit_signed_drags = bool(edit_signed_drags)
         self.edit_reads_phi0 = bool(edit_reads_phi0)
+        self.test_flip = bool(test_flip)
         # Parts that this configuration never trains get no gradients (and DDP no unused
         # parameters): the editing block without simulated corrections, and switched-off branches.
         # An untrained editing block is the identity (its last conv starts at zero).
@@ -320,6 +322,7 @@ class DELSE(nn.Module):
                                                  extra_inputs=1 if d.EDIT_READS_PHI0 else 0),
             "edit_signed_drags": d.EDIT_SIGNED_DRAGS,
             "edit_reads_phi0": d.EDIT_READS_PHI0,
+            "test_flip": cfg.TEST.DELSE.FLIP,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "use_extreme_points": use_points,
@@ -379,7 +382,22 @@ class DELSE(nn.Module):
     def branches(self, images, heatmaps):
         """Encoder, skip features and the three branches, at the branches' resolution (stride of
         the finest encoder stage): ``phi0`` (pixels), ``motion`` (V before any editing) and
-        ``modulation`` (after its sigmoid), each (N, C, h, w); the pixel-wise baseline: ``logits``."""
+        ``modulation`` (after its sigmoid), each (N, C, h, w); the pixel-wise baseline: ``logits``.
+
+        With ``test_flip`` (TEST.DELSE.FLIP) and in eval mode, the mean of the outputs on the crop
+        and on its mirror image (heatmap mirrored too), mirrored back; V's x component changes sign."""
+        out = self._branches(images, heatmaps)
+        if not (self.test_flip and not self.training):
+            return out
+        mirrored = self._branches(images.flip(-1), heatmaps.flip(-1))
+        for k, v in mirrored.items():
+            v = v.flip(-1)
+            if k == "motion":
+                v = torch.cat([-v[:, :1], v[:, 1:]], dim=1)
+            out[k] = (out[k] + v) / 2
+        return out
+
+    def _branches(self, images, heatmaps):
         x = (images - self.pixel_mean) / self.pixel_std
         if self.use_extreme_points:
             # Bring the heatmap to the range of the normalised colour channels.
