@@ -22,7 +22,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 __all__ = ["SafeDetectionCheckpointer", "average_checkpoints", "read_pkl_checkpoint", "safe_pickle_load",
-           "save_weights", "UnsafeCheckpointError", "WeightsUnavailableError"]
+           "safe_torch_load", "save_weights", "UnsafeCheckpointError", "WeightsUnavailableError"]
 
 REMOTE_SCHEMES = ("detectron2", "catalog", "http", "https")  # what iopath downloads into its cache
 
@@ -128,12 +128,18 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return data
 
     def _torch_load(self, f):
-        try:
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UnsafeCheckpointError(
-                f"{f} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it ({e}). "
-                "Re-save it as a state_dict, or load it yourself if you trust its source.") from None
+        return safe_torch_load(f, getattr(f, "name", str(f)))
+
+
+def safe_torch_load(f, name: str):
+    """``torch.load(f, weights_only=True)`` on the CPU; a file that needs arbitrary unpickling (code could
+    run) raises :class:`UnsafeCheckpointError` naming ``name`` instead of torch's error."""
+    try:
+        return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{name} is not a plain tensor checkpoint; torch.load(weights_only=True) refused it ({e}). "
+            "Re-save it as a state_dict, or load it yourself if you trust its source.") from None
 
 
 def read_pkl_checkpoint(f, name: str) -> dict:
@@ -165,20 +171,21 @@ def average_checkpoints(paths: Sequence[str]) -> Dict[str, torch.Tensor]:
     (checkpoint averaging, as in Izmailov et al. 2018, "Averaging weights leads to wider optima").
 
     Floating-point tensors are averaged in float64 and cast back to their dtype; other tensors (integer
-    counters) are taken from the last checkpoint. Every file is read with ``torch.load(weights_only=True)``.
+    counters) are taken from the last checkpoint. Every file is read with :func:`safe_torch_load`.
     Batch-norm running statistics are averaged like weights, which suits FrozenBN and GroupNorm models;
     a model with trainable BatchNorm would need its statistics recomputed.
 
     Raises:
         ValueError: fewer than two files, or a file whose tensor names or shapes differ from the first's
             (named in the message).
+        UnsafeCheckpointError: a file that is not plain tensors (named in the message).
     """
     if len(paths) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {list(paths)}")
     first, total = None, None
     for path in paths:
         try:
-            model = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            model = safe_torch_load(path, path)["model"]
         except (KeyError, TypeError):
             raise ValueError(f"{path}: not a Detectron2 checkpoint (no 'model' weights)") from None
         if first is None:

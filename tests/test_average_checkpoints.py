@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from levelset_d2.checkpoint import SafeDetectionCheckpointer, average_checkpoints
+from levelset_d2.checkpoint import SafeDetectionCheckpointer, UnsafeCheckpointError, average_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,3 +69,25 @@ def test_checkpoints_of_different_models_are_refused_by_name(tmp_path):
         average_checkpoints([a, str(tmp_path / "c.pth")])
     with pytest.raises(ValueError, match="at least two"):
         average_checkpoints([a])
+
+
+RAN = []
+
+
+def _record(what):
+    RAN.append(what)
+
+
+class _Payload:
+    """Unpickling it calls _record: code that a checkpoint must not be able to run."""
+
+    def __reduce__(self):
+        return _record, ("unpickled",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_name_unrun(tmp_path):
+    a = _save(tmp_path / "a.pth", 1.0, 1)
+    torch.save({"model": _model().state_dict(), "extra": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth is not a plain tensor checkpoint"):
+        average_checkpoints([a, str(tmp_path / "evil.pth")])
+    assert RAN == []

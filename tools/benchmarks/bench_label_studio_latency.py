@@ -11,7 +11,7 @@ Per object, three requests:
   task or object came in between).
 
     OMP_NUM_THREADS=2 .venv/bin/python tools/benchmarks/bench_label_studio_latency.py \\
-        --weights output/delse_R_18_dsb2018/model_final.pth --objects 10
+        --weights output/delse_R_18_dsb2018/model_final.pth --objects 10 [KEY VALUE ...]
 """
 import argparse
 import base64
@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--data", default=str(shared_data_root() / "dsb2018"))
     ap.add_argument("--objects", type=int, default=10)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...), as delse-serve takes them")
     args = ap.parse_args()
     if args.objects < 5:
         ap.error("--objects must be >= 5 (medians over at least 5 objects)")
@@ -48,7 +49,7 @@ def main():
     from delse.label_studio import DELSEBackend, ImageLoader, build_predictor, make_server
 
     data = Path(args.data)
-    backend = DELSEBackend(build_predictor(args.config_file, args.weights, args.device), "bench",
+    backend = DELSEBackend(build_predictor(args.config_file, args.weights, args.device, args.opts), "bench",
                            ImageLoader(path_map=[("/data/upload/", str(data / "images"))]))
     auth = ("bench", "bench-pass")  # as deployed: basic auth on
     server = make_server(backend, "127.0.0.1", 0, basic_auth=auth)

@@ -142,6 +142,9 @@ HEADS = {
     "paper features, shared convs": ("levelset_rcnn", SHARED_CONVS),
     # Issue #21 speed goal: the features head's one conv EMBED_CHANNELS (64) wide instead of 256.
     "paper features, 64-wide features conv": ("levelset_rcnn", ["MODEL.LEVELSET.FEATURES_CONV_DIM", "64"]),
+    # ... and the hyperparameter head reading the pooled RoI features (no convs: average pool + 2 FC).
+    "paper features, no hyperparameter convs": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "0"]),
+    "paper features, one hyperparameter conv": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "1"]),
     # Issue #21 item 4: F standardised; and read from p2 pooled again at 28 x 28 (64-wide convs).
     "standardised F": ("levelset_rcnn", ["MODEL.LEVELSET.STANDARDIZE_FEATURES", "True"]),
     "standardised F from p2 at 28": ("levelset_rcnn", [
