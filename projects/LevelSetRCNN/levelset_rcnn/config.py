@@ -37,8 +37,8 @@ def add_levelset_rcnn_config(cfg):
     # "adaptive": per-RoI hyperparameter head; "global": one learned vector for the dataset (ablation).
     cfg.MODEL.LEVELSET.HYPERPARAM_MODE = "adaptive"
     # Convs (ROI_MASK_HEAD.CONV_DIM wide, the first with stride 2) before the hyperparameter
-    # head's average pool; 0: the pool reads the RoI features themselves (0.38 ms of the head's
-    # ~6.4 ms per RoI go to these two convs on 2 CPU threads; BENCHMARKS.md section 5).
+    # head's average pool; 0: the pool reads the RoI features themselves (saves ~0.07 ms of the
+    # head's ~5.6 ms per RoI on 2 CPU threads, BENCHMARKS.md section 5: two convs, as in the paper).
     cfg.MODEL.LEVELSET.HYPERPARAM_NUM_CONV = 2
     # Width of the first of the two FC layers of the hyperparameter head.
     cfg.MODEL.LEVELSET.HYPERPARAM_FC_DIM = 256
