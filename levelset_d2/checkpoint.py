@@ -128,12 +128,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return data
 
     def _torch_load(self, f):
-        return safe_torch_load(f, getattr(f, "name", str(f)))
+        return safe_torch_load(f)
 
 
-def safe_torch_load(f, name: str):
-    """``torch.load(f, weights_only=True)`` on the CPU; a file that needs arbitrary unpickling (code could
-    run) raises :class:`UnsafeCheckpointError` naming ``name`` instead of torch's error."""
+def safe_torch_load(f):
+    """``torch.load(f, weights_only=True)`` on the CPU (``f``: a path or an open file); a file that needs
+    arbitrary unpickling (code could run) raises :class:`UnsafeCheckpointError` naming the file instead of
+    torch's error."""
+    name = getattr(f, "name", f)
     try:
         return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
     except pickle.UnpicklingError as e:
@@ -185,7 +187,7 @@ def average_checkpoints(paths: Sequence[str]) -> Dict[str, torch.Tensor]:
     first, total = None, None
     for path in paths:
         try:
-            model = safe_torch_load(path, path)["model"]
+            model = safe_torch_load(path)["model"]
         except (KeyError, TypeError):
             raise ValueError(f"{path}: not a Detectron2 checkpoint (no 'model' weights)") from None
         if first is None:

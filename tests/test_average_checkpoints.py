@@ -91,3 +91,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_name_unrun(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth is not a plain tensor checkpoint"):
         average_checkpoints([a, str(tmp_path / "evil.pth")])
     assert RAN == []
+    proc = subprocess.run([sys.executable, "tools/average_checkpoints.py", a, str(tmp_path / "evil.pth"), "--output",
+                           str(tmp_path / "avg.pth")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "evil.pth is not a plain tensor checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "avg.pth").exists()

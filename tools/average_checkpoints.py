@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from levelset_d2.checkpoint import average_checkpoints, save_weights
+from levelset_d2.checkpoint import UnsafeCheckpointError, average_checkpoints, save_weights
 
 
 def last_checkpoints(folder, n):
@@ -47,7 +47,7 @@ def main(argv=None):
         paths = args.checkpoints
     try:
         weights = average_checkpoints(paths)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, UnsafeCheckpointError) as e:
         raise SystemExit(f"error: {e}")
     save_weights(weights, args.output, averaged_from=[str(p) for p in paths])
     print(f"averaged {len(paths)} checkpoints -> {args.output}: " + ", ".join(paths))
