@@ -33,6 +33,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import SafeDetectionCheckpointer
 from .config import check_registered_names, get_cfg
 from .datasets import prepare_dataset
+from .ema import EMAHook
 from .evaluation import build_detection_evaluator
 from .resume import RandomStates, TrainLoader
 from .robust_data import build_robust_test_loader, build_robust_train_loader
@@ -194,8 +195,9 @@ class Trainer(TrainerBase):
         self.step_trainer.load_state_dict(state_dict[STEP_TRAINER_STATE])
 
     def build_hooks(self):
-        """Detectron2's default hooks: timing, LR scheduling, precise BN, checkpoints (main
-        process), evaluation every TEST.EVAL_PERIOD and at the end, metrics writers (main process)."""
+        """Detectron2's default hooks: timing, LR scheduling, precise BN, the weights' moving average
+        with SOLVER.EMA.ENABLED (:class:`~levelset_d2.ema.EMAHook`) and checkpoints (main process),
+        evaluation every TEST.EVAL_PERIOD and at the end, metrics writers (main process)."""
         cfg = self.cfg.clone()
         cfg.defrost()
         cfg.DATALOADER.NUM_WORKERS = 0  # PreciseBN's loader: less memory and start-up time
@@ -207,6 +209,8 @@ class Trainer(TrainerBase):
                             cfg.TEST.PRECISE_BN.NUM_ITER) if precise_bn else None,
         ]
         if comm.is_main_process():
+            if cfg.SOLVER.EMA.ENABLED:  # before the checkpointer: a checkpoint holds the average of its iteration
+                ret.append(EMAHook(self.model, cfg.SOLVER.EMA.DECAY, self.checkpointer, cfg.OUTPUT_DIR))
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
 
         def test_and_save_results():

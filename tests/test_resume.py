@@ -125,7 +125,7 @@ def _assert_same_final_state(uninterrupted, resumed):
     assert a["trainer"]["iteration"] == 5
     assert a["trainer"][STEP_TRAINER_STATE]["optimizer"]["state"], "no momentum buffers to compare"
     assert "LRScheduler" in a["trainer"]["hooks"]
-    keys = ("model", "trainer", "train_sampler", "rng")
+    keys = ("model", "trainer", "train_sampler", "rng") + (("ema",) if "ema" in a else ())
     assert all(k in a for k in keys), sorted(a)
     diffs, worst = _differences({k: a[k] for k in keys}, {k: b[k] for k in keys})
     assert not diffs, f"max abs diff {worst:g}:\n" + "\n".join(diffs[:20])
@@ -161,8 +161,9 @@ def test_levelset_rcnn_sigkill_after_a_checkpoint_then_resume_equals_the_uninter
 
 @pytest.mark.slow
 def test_delse_resume_across_the_pretraining_to_joint_switch_equals_the_uninterrupted_run(tmp_path):
-    # Pre-training for iterations 0-2, joint from 3; resumed from the checkpoint after iteration 1.
-    opts = ("MODEL.DELSE.PRETRAIN_ITERS", 3)
+    # Pre-training for iterations 0-2, joint from 3; resumed from the checkpoint after iteration 1. With
+    # the weights' moving average (SOLVER.EMA), which the resume must continue, not restart.
+    opts = ("MODEL.DELSE.PRETRAIN_ITERS", 3, "SOLVER.EMA.ENABLED", True, "SOLVER.EMA.DECAY", 0.5)
     full, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
     _wait(_train_net(DELSE, full, *opts), full, "train.log")
     resumed_dir.mkdir()
@@ -175,3 +176,10 @@ def test_delse_resume_across_the_pretraining_to_joint_switch_equals_the_uninterr
         assert _last_iteration_with(out / "metrics.json", "loss_level_set") == 2
         assert _last_iteration_with(out / "metrics.json", "loss_evolution") == 5
     _assert_same_final_state(full, resumed_dir)
+    ema = [torch.load(out / "model_final_ema.pth", weights_only=True) for out in (full, resumed_dir)]
+    assert ema[0]["ema_updates"] == 6 and ema[1]["ema_updates"] == 6  # every iteration of both runs
+    diffs, worst = _differences(ema[0]["model"], ema[1]["model"])
+    assert not diffs, f"max abs diff {worst:g}:\n" + "\n".join(diffs[:20])
+    final = torch.load(full / "model_final.pth", weights_only=True)
+    assert final["ema"]["n_averaged"].item() == 6
+    assert any(not torch.equal(w, final["model"][k]) for k, w in ema[0]["model"].items())  # an average, not a copy
