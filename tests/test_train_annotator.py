@@ -19,10 +19,11 @@ def test_trains_on_a_users_json_and_prints_the_serve_line(tmp_path, coco_sample_
     cmd = [sys.executable, "tools/train_annotator.py", "--config-file", "configs/DELSE/tiny_delse_coco_sample.yaml",
            "--json", str(coco_sample_dir / "instances_val2017_subset.json"), "--image-root",
            str(coco_sample_dir / "images"), "--output-dir", str(out), "--interactive-iters", "2",
-           "SOLVER.MAX_ITER", "3", "MODEL.DELSE.PRETRAIN_ITERS", "1", "DATALOADER.NUM_WORKERS", "0"]
+           "SOLVER.MAX_ITER", "3", "MODEL.DELSE.PRETRAIN_ITERS", "1", "DATALOADER.NUM_WORKERS", "0",
+           "SOLVER.EMA.ENABLED", "True"]  # each stage continues from, and serves, the moving average
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    base, weights = out / "model_final.pth", out / "interactive/model_final.pth"
+    base, weights = out / "model_final_ema.pth", out / "interactive/model_final_ema.pth"
     base_sd = torch.load(base, map_location="cpu", weights_only=True)["model"]
     tuned_sd = torch.load(weights, map_location="cpu", weights_only=True)["model"]
     assert set(base_sd) == set(tuned_sd)  # the same model, trained further
@@ -37,6 +38,13 @@ def test_trains_on_a_users_json_and_prints_the_serve_line(tmp_path, coco_sample_
     words = shlex.split(line)
     assert words[words.index("--weights") + 1] == str(weights)
     assert words[-2:] == ["MODEL.DELSE.DRAG_EDIT", "result"]
+
+
+def test_the_served_weights_are_the_moving_average_where_the_run_keeps_one(import_tool, tmp_path):
+    trained_weights = import_tool(".", "train_annotator").trained_weights
+    config = REPO / "configs/DELSE/delse_R_50_coco128.yaml"
+    assert trained_weights(tmp_path, config) == tmp_path / "model_final.pth"
+    assert trained_weights(tmp_path, config, ["SOLVER.EMA.ENABLED", "True"]) == tmp_path / "model_final_ema.pth"
 
 
 def test_interactive_stage_is_the_interactive_config(import_tool):

@@ -48,6 +48,18 @@ def serve_command(config_file, weights, opts=()):
                        *map(str, opts), "MODEL.DELSE.DRAG_EDIT", "result"])
 
 
+def trained_weights(output_dir, config_file, opts=()):
+    """The weights a run of ``config_file`` with ``opts`` leaves in ``output_dir``: the moving average of the
+    weights (``model_final_ema.pth``) where the run's SOLVER.EMA.ENABLED is on, else ``model_final.pth``."""
+    from levelset_d2.config import get_cfg
+    from levelset_d2.ema import EMA_WEIGHTS_FILE
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list([str(o) for o in opts])
+    return Path(output_dir) / (EMA_WEIGHTS_FILE if cfg.SOLVER.EMA.ENABLED else "model_final.pth")
+
+
 def interactive_opts(base_weights, iters):
     """Overrides of the interactive stage (delse_R_50_coco128_interactive.yaml's recipe on any config):
     joint training from the base weights with U{0..3} simulated drags through the motion-editing block."""
@@ -90,8 +102,8 @@ def main(argv=None):
     from detectron2.engine import default_argument_parser, launch
 
     data = ["DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"] if args.json else []  # the user's objects
-    weights = Path(args.output_dir) / "model_final.pth"
     stages = [["OUTPUT_DIR", args.output_dir, *args.opts, *data]]
+    weights = trained_weights(args.output_dir, args.config_file, stages[0])
     if args.interactive_iters > 0:
         stages.append(["OUTPUT_DIR", str(Path(args.output_dir) / "interactive"), *args.opts, *data,
                        *interactive_opts(weights, args.interactive_iters)])
@@ -103,7 +115,7 @@ def main(argv=None):
                args=(train_args, args.json and str(Path(args.json).resolve()),
                      args.image_root and str(Path(args.image_root).resolve())))
     if args.interactive_iters > 0:
-        weights = Path(args.output_dir) / "interactive/model_final.pth"
+        weights = trained_weights(Path(args.output_dir) / "interactive", args.config_file, stages[1])
     print("\nThe annotator is trained. Serve it to Label Studio (README, 'DELSE in Label Studio'):\n")
     print("  " + serve_command(args.config_file, weights, args.opts))
     return 0
