@@ -43,8 +43,9 @@ def test_trains_on_a_users_json_and_prints_the_serve_line(tmp_path, coco_sample_
 def test_the_served_weights_are_the_moving_average_where_the_run_keeps_one(import_tool, tmp_path):
     trained_weights = import_tool(".", "train_annotator").trained_weights
     config = REPO / "configs/DELSE/delse_R_50_coco128.yaml"
-    assert trained_weights(tmp_path, config) == tmp_path / "model_final.pth"
-    assert trained_weights(tmp_path, config, ["SOLVER.EMA.ENABLED", "True"]) == tmp_path / "model_final_ema.pth"
+    out = ["OUTPUT_DIR", str(tmp_path)]
+    assert trained_weights(config, out) == tmp_path / "model_final.pth"
+    assert trained_weights(config, out + ["SOLVER.EMA.ENABLED", "True"]) == tmp_path / "model_final_ema.pth"
 
 
 def test_interactive_stage_is_the_interactive_config(import_tool):

@@ -11,7 +11,9 @@ motion-editing block, which the first stage leaves untrained: without it a previ
 default: 100 such iterations cost 1.3 mIoU from the extreme points (200 COCO-MVal objects, BENCHMARKS.md
 section 7d); they buy a 51 ms preview instead of a 257 ms pass and drags that beat extra clicks (+0.4 IoU at the
 first correction, signed drag channels). At the end the command prints how to serve the model, with each
-drag enforced on the contour (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b).
+drag enforced on the contour (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b); with the override
+SOLVER.EMA.ENABLED True, each stage keeps a moving average of the weights and the next stage and the printed line use
+it (model_final_ema.pth).
 
     .venv/bin/python tools/train_annotator.py --num-gpus 8                       # coco128-seg, the config's budget
     .venv/bin/python tools/train_annotator.py --json my/train.json --image-root my/images \\
@@ -48,8 +50,8 @@ def serve_command(config_file, weights, opts=()):
                        *map(str, opts), "MODEL.DELSE.DRAG_EDIT", "result"])
 
 
-def trained_weights(output_dir, config_file, opts=()):
-    """The weights a run of ``config_file`` with ``opts`` leaves in ``output_dir``: the moving average of the
+def trained_weights(config_file, opts=()):
+    """The weights a run of ``config_file`` with ``opts`` leaves in its OUTPUT_DIR: the moving average of the
     weights (``model_final_ema.pth``) where the run's SOLVER.EMA.ENABLED is on, else ``model_final.pth``."""
     from levelset_d2.config import get_cfg
     from levelset_d2.ema import EMA_WEIGHTS_FILE
@@ -57,7 +59,7 @@ def trained_weights(output_dir, config_file, opts=()):
     cfg = get_cfg()
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list([str(o) for o in opts])
-    return Path(output_dir) / (EMA_WEIGHTS_FILE if cfg.SOLVER.EMA.ENABLED else "model_final.pth")
+    return Path(cfg.OUTPUT_DIR) / (EMA_WEIGHTS_FILE if cfg.SOLVER.EMA.ENABLED else "model_final.pth")
 
 
 def interactive_opts(base_weights, iters):
@@ -103,7 +105,7 @@ def main(argv=None):
 
     data = ["DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"] if args.json else []  # the user's objects
     stages = [["OUTPUT_DIR", args.output_dir, *args.opts, *data]]
-    weights = trained_weights(args.output_dir, args.config_file, stages[0])
+    weights = trained_weights(args.config_file, stages[0])
     if args.interactive_iters > 0:
         stages.append(["OUTPUT_DIR", str(Path(args.output_dir) / "interactive"), *args.opts, *data,
                        *interactive_opts(weights, args.interactive_iters)])
@@ -115,7 +117,7 @@ def main(argv=None):
                args=(train_args, args.json and str(Path(args.json).resolve()),
                      args.image_root and str(Path(args.image_root).resolve())))
     if args.interactive_iters > 0:
-        weights = trained_weights(Path(args.output_dir) / "interactive", args.config_file, stages[1])
+        weights = trained_weights(args.config_file, stages[1])
     print("\nThe annotator is trained. Serve it to Label Studio (README, 'DELSE in Label Studio'):\n")
     print("  " + serve_command(args.config_file, weights, args.opts))
     return 0
