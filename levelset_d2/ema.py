@@ -54,6 +54,14 @@ class EMAHook(HookBase):
         checkpointer.checkpointables[CHECKPOINT_KEY] = self.ema
         self.output_dir = output_dir
 
+    def before_train(self):
+        left = self.decay ** max(0, self.trainer.max_iter - self.trainer.start_iter - 1)
+        if left > 0.1:
+            logging.getLogger(__name__).warning(
+                f"SOLVER.EMA: after {self.trainer.max_iter - self.trainer.start_iter} iterations at decay {self.decay} "
+                f"the average still weighs the first iteration's weights {left:.0%}: it is mostly the starting model "
+                "(lower SOLVER.EMA.DECAY, train longer, or serve model_final.pth)")
+
     def after_step(self):
         self.ema.update_parameters(self._model)
 

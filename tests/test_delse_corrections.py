@@ -193,6 +193,57 @@ def test_unknown_correction_mode_is_refused():
         _build(_cfg("MODEL.DELSE.CORRECTION_MODE", "scribbles"))
 
 
+def _train_steps(model, steps=3):
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        sum(model(_synthetic_batch(2)).values()).backward()
+        opt.step()
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_the_editing_block_only_keeps_the_rest_and_the_extreme_point_prediction():
+    """MODEL.DELSE.TRAIN_EDITING_ONLY: after training steps every weight and batch-norm statistic outside the
+    motion-editing block is bit for bit the base model's (so is the prediction from the extreme points),
+    while the block's weights moved; the same steps without it move the rest (the control)."""
+    opts = ("MODEL.DELSE.NUM_CORRECTIONS", "3", "MODEL.DELSE.CORRECTION_SAMPLING", "fixed",
+            "MODEL.DELSE.NORM", "BN")  # the heads with batch norm (the tiny config's GroupNorm keeps no statistics)
+    model = _build(_cfg(*opts, "MODEL.DELSE.TRAIN_EDITING_ONLY", "True"))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.skip_features.modules())  # statistics at stake
+    before = _state(model)
+    batch = _synthetic_batch(2)
+    model.eval()
+    with torch.no_grad():
+        phi0_before = [r["phi0"] for r in model(batch)]
+    _train_steps(model)
+    after = _state(model)
+    editing = {k for k in before if k.startswith("motion_editing.")}
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in editing)
+    assert any(not torch.equal(before[k], after[k]) for k in editing)
+    model.eval()
+    with torch.no_grad():
+        phi0_after = [r["phi0"] for r in model(batch)]
+    assert all(torch.equal(a, b) for a, b in zip(phi0_before, phi0_after))
+
+    control = _build(_cfg(*opts))
+    _train_steps(control)
+    moved = _state(control)
+    assert any(not torch.equal(before[k], moved[k]) for k in before if k.startswith("encoder."))
+    assert any(not torch.equal(before[k], moved[k]) for k in before if k.endswith("running_mean"))
+
+
+@pytest.mark.parametrize("opts", [("MODEL.DELSE.NUM_CORRECTIONS", "0"),
+                                  ("MODEL.DELSE.NUM_CORRECTIONS", "3", "MODEL.DELSE.CORRECTION_MODE", "clicks"),
+                                  ("MODEL.DELSE.NUM_CORRECTIONS", "3", "MODEL.DELSE.PHASE", "pretrain")])
+def test_training_the_editing_block_only_without_drags_through_it_is_refused(opts):
+    with pytest.raises(ValueError, match="TRAIN_EDITING_ONLY"):
+        _build(_cfg("MODEL.DELSE.TRAIN_EDITING_ONLY", "True", *opts))
+
+
 # ------------------------------------------------------------------------------- trained block
 @pytest.mark.parametrize("kind", ["bite", "bump"])
 def test_a_drag_moves_the_boundary_towards_the_gt_near_the_drag(trained_block, kind):

@@ -66,3 +66,15 @@ def test_config_declares_the_keys_and_a_decay_of_one_is_refused(tmp_path):
     model = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="SOLVER.EMA.DECAY"):
         EMAHook(model, 1.0, SafeDetectionCheckpointer(model), str(tmp_path))
+
+
+@pytest.mark.parametrize("iters, warns", [(100, True), (800, False)])
+def test_a_run_too_short_for_its_average_is_warned_about(tmp_path, caplog, iters, warns):
+    """0.995 ** 99 = 0.61 of the first iteration's weights left after 100 iterations (warned: the average is
+    mostly the start); 0.995 ** 799 = 0.018 after 800 (not warned)."""
+    model = _model_with_weight(1.0)
+    hook = EMAHook(model, 0.995, SafeDetectionCheckpointer(model, save_dir=str(tmp_path)), str(tmp_path))
+    hook.trainer = types.SimpleNamespace(start_iter=0, max_iter=iters)
+    with caplog.at_level("WARNING", logger="levelset_d2.ema"):
+        hook.before_train()
+    assert ("61%" in caplog.text) if warns else caplog.text == ""

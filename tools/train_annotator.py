@@ -1,29 +1,39 @@
 #!/usr/bin/env python
 """A ready annotator: train DELSE on real photos and print the `delse-serve` line that serves it in Label Studio.
 
-By default the ImageNet R-50 DELSE of `configs/DELSE/delse_R_50_coco128.yaml` (`make pretrained` first) on
-coco128-seg's instances; with --json / --image-root, on your own COCO-json instance annotations instead
+By default the ImageNet R-50 DELSE of `configs/DELSE/delse_R_50_coco128_annotator.yaml` (`make pretrained` first)
+on coco128-seg's instances; with --json / --image-root, on your own COCO-json instance annotations instead
 (every non-crowd object is a training sample; categories are ignored: DELSE segments whatever the clicks
-mark). The run is train_net.py's (resumable with --resume, multi-GPU with --num-gpus). With
---interactive-iters N, then N iterations of interactive fine-tuning from those weights on the same data (the
-recipe of configs/DELSE/delse_R_50_coco128_interactive.yaml: U{0..3} simulated drags per sample through the
-motion-editing block, which the first stage leaves untrained: without it a preview is the full pass). Off by
-default: 100 such iterations cost 1.3 mIoU from the extreme points (200 COCO-MVal objects, BENCHMARKS.md
-section 7d); they buy a 51 ms preview instead of a 257 ms pass and drags that beat extra clicks (+0.4 IoU at the
-first correction, signed drag channels). At the end the command prints how to serve the model, with each
-drag enforced on the contour (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b); with the override
-SOLVER.EMA.ENABLED True, each stage keeps a moving average of the weights and the next stage and the printed line use
-it (model_final_ema.pth).
+mark). Each stage is a train_net.py run (resumable with --resume, multi-GPU with --num-gpus):
 
-    .venv/bin/python tools/train_annotator.py --num-gpus 8                       # coco128-seg, the config's budget
+1. the config's schedule (the annotator config: 1800 iterations, bfloat16 on the CPU, a moving average of
+   the weights);
+2. with --restart-iters N, N more iterations from stage 1's weights (the trained ones, not their average)
+   with the learning rate back at BASE_LR and its step at 4/5 of N: a warm restart, into OUTPUT/restart. With
+   N = 800 this is BENCHMARKS.md section 6's recipe (mIoU 84-85 from the 4 extreme points on COCO-MVal,
+   zero-shot); where SEED is set, the restart runs with SEED + 2, as the benchmarked runs did;
+3. with --interactive-iters N, N iterations of interactive fine-tuning from the weights served so far, on
+   the same data, into OUTPUT/interactive: U{0..3} simulated drags per sample through the motion-editing
+   block, which the earlier stages leave untrained (without it a preview is the full pass). Unlike
+   configs/DELSE/delse_R_50_coco128_interactive.yaml (the paper's way: the whole network fine-tunes, which
+   cost 1.3 mIoU from the extreme points in BENCHMARKS.md section 7d, ~13 s per iteration), the block alone
+   trains (MODEL.DELSE.TRAIN_EDITING_ONLY): the prediction from the extreme points stays the served model's,
+   ~2 s per iteration on 2 CPU cores. Off by default.
+
+At the end the command prints how to serve the model, with each drag enforced on the contour
+(MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b). Where a stage keeps a moving average of the
+weights (SOLVER.EMA.ENABLED), the line serves it (model_final_ema.pth), and the interactive stage starts from it
+(the interactive stage keeps none: its few hundred iterations are too few for one).
+
+    .venv/bin/python tools/train_annotator.py --restart-iters 800               # the benchmarked annotator
+    .venv/bin/python tools/train_annotator.py --num-gpus 8 --restart-iters 800  # the same on 8 GPUs
     .venv/bin/python tools/train_annotator.py --json my/train.json --image-root my/images \\
-        --output-dir output/my_annotator SOLVER.MAX_ITER 3000                    # your photos
+        --output-dir output/my_annotator --restart-iters 800                    # your photos
 
-The config's budget (400 iterations of batch 8, ~5 s each with 2 threads) takes about 35 min on 2 CPU cores,
-minutes on a GPU; interactive iterations take ~13 s each (every simulated drag is one more forward pass). On a
-CPU with bfloat16 dot products (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo), the override
-`SOLVER.AMP.ENABLED True` trains 1.8x faster (2.8 s per iteration, ~19 min), measured 0.4-0.8 mIoU below float32
-(BENCHMARKS.md section 10).
+Time on 2 CPU cores with bfloat16 dot products (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo): 1.67 s per
+iteration, ~50 min for stage 1 and ~22 min for 800 restart iterations; minutes on a GPU. The quicker model of
+`--config-file configs/DELSE/delse_R_50_coco128.yaml` (400 iterations on 84 photos, float32, ~35 min) reads
+78.0 mIoU from the extreme points.
 """
 import argparse
 import shlex
@@ -31,7 +41,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs/DELSE/delse_R_50_coco128.yaml"
+DEFAULT_CONFIG = REPO / "configs/DELSE/delse_R_50_coco128_annotator.yaml"
 DATASET = "annotator_train"  # the name a --json is registered under
 
 
@@ -50,26 +60,48 @@ def serve_command(config_file, weights, opts=()):
                        *map(str, opts), "MODEL.DELSE.DRAG_EDIT", "result"])
 
 
-def trained_weights(config_file, opts=()):
-    """The weights a run of ``config_file`` with ``opts`` leaves in its OUTPUT_DIR: the moving average of the
-    weights (``model_final_ema.pth``) where the run's SOLVER.EMA.ENABLED is on, else ``model_final.pth``."""
+def run_config(config_file, opts=()):
+    """The config of a train_net.py run of ``config_file`` with the overrides ``opts``."""
     from levelset_d2.config import get_cfg
-    from levelset_d2.ema import EMA_WEIGHTS_FILE
 
     cfg = get_cfg()
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list([str(o) for o in opts])
-    return Path(cfg.OUTPUT_DIR) / (EMA_WEIGHTS_FILE if cfg.SOLVER.EMA.ENABLED else "model_final.pth")
+    return cfg
+
+
+def trained_weights(config_file, opts=(), average=True):
+    """The weights a run of ``config_file`` with ``opts`` leaves in its OUTPUT_DIR: the moving average of the
+    weights (``model_final_ema.pth``) where ``average`` and the run's SOLVER.EMA.ENABLED are on, else
+    ``model_final.pth`` (the trained weights)."""
+    from levelset_d2.ema import EMA_WEIGHTS_FILE
+
+    cfg = run_config(config_file, opts)
+    return Path(cfg.OUTPUT_DIR) / (EMA_WEIGHTS_FILE if average and cfg.SOLVER.EMA.ENABLED else "model_final.pth")
+
+
+def restart_opts(weights, iters, seed):
+    """Overrides of the warm restart: ``iters`` more iterations from ``weights`` in the joint phase, the
+    learning rate back at BASE_LR (with its warm-up) and its step at 4/5; SEED + 2 where ``seed`` is set
+    (>= 0), as BENCHMARKS.md section 6's runs (seeds 7 / 8 / 9, restarts 9 / 10 / 11)."""
+    return ["MODEL.WEIGHTS", str(weights), "MODEL.DELSE.PHASE", "joint", "MODEL.DELSE.PRETRAIN_ITERS", "0",
+            "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, iters * 4 // 5)},)",
+            "SEED", str(seed + 2 if seed >= 0 else seed)]
 
 
 def interactive_opts(base_weights, iters):
     """Overrides of the interactive stage (delse_R_50_coco128_interactive.yaml's recipe on any config):
-    joint training from the base weights with U{0..3} simulated drags through the motion-editing block."""
+    joint training from the base weights with U{0..3} simulated drags through the motion-editing block,
+    without a moving average of the weights, and (unlike that config, which fine-tunes the whole network as
+    the paper does) with MODEL.DELSE.TRAIN_EDITING_ONLY: the block alone learns, so the prediction from the
+    extreme points stays the base model's and an iteration costs ~2 s instead of ~13 s on 2 CPU cores."""
     return ["MODEL.WEIGHTS", str(base_weights), "MODEL.DELSE.PHASE", "joint", "MODEL.DELSE.PRETRAIN_ITERS", "0",
             "MODEL.DELSE.NUM_CORRECTIONS", "3", "MODEL.DELSE.CORRECTION_SAMPLING", "uniform",
             "MODEL.DELSE.CORRECTION_MODE", "motion_editing", "MODEL.DELSE.TEST_NUM_CORRECTIONS", "3",
             "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.STEPS", f"({max(1, iters * 4 // 5)},)", "SOLVER.WARMUP_ITERS", str(min(10, iters))]
+            "SOLVER.STEPS", f"({max(1, iters * 4 // 5)},)", "SOLVER.WARMUP_ITERS", str(min(10, iters)),
+            # no moving average: over ~100 iterations a 0.995 average would stay ~60 % the untrained block
+            "SOLVER.EMA.ENABLED", "False", "MODEL.DELSE.TRAIN_EDITING_ONLY", "True"]
 
 
 def _worker(args, json_file, image_root):
@@ -89,6 +121,9 @@ def main(argv=None):
     ap.add_argument("--image-root", help="the folder the json's file_names are relative to")
     ap.add_argument("--output-dir", default=str(REPO / "output/annotator"))
     ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--restart-iters", type=int, default=0,
+                    help="iterations of the warm restart from the first stage's weights, into OUTPUT/restart "
+                         "(0: none; 800: the benchmarked recipe; default %(default)s)")
     ap.add_argument("--interactive-iters", type=int, default=0,
                     help="iterations of the interactive fine-tuning, into OUTPUT/interactive (0: none; default %(default)s)")
     ap.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
@@ -105,10 +140,14 @@ def main(argv=None):
 
     data = ["DATASETS.TRAIN", f"('{DATASET}',)", "DATASETS.TEST", "()"] if args.json else []  # the user's objects
     stages = [["OUTPUT_DIR", args.output_dir, *args.opts, *data]]
-    weights = trained_weights(args.config_file, stages[0])
+    if args.restart_iters > 0:
+        seed = run_config(args.config_file, stages[0]).SEED
+        stages.append(["OUTPUT_DIR", str(Path(args.output_dir) / "restart"), *args.opts, *data,
+                       *restart_opts(trained_weights(args.config_file, stages[0], average=False), args.restart_iters,
+                                     seed)])
     if args.interactive_iters > 0:
         stages.append(["OUTPUT_DIR", str(Path(args.output_dir) / "interactive"), *args.opts, *data,
-                       *interactive_opts(weights, args.interactive_iters)])
+                       *interactive_opts(trained_weights(args.config_file, stages[-1]), args.interactive_iters)])
     for opts in stages:
         train_args = default_argument_parser().parse_args(
             ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus),
@@ -116,8 +155,7 @@ def main(argv=None):
         launch(_worker, args.num_gpus, dist_url=train_args.dist_url,
                args=(train_args, args.json and str(Path(args.json).resolve()),
                      args.image_root and str(Path(args.image_root).resolve())))
-    if args.interactive_iters > 0:
-        weights = trained_weights(args.config_file, stages[1])
+    weights = trained_weights(args.config_file, stages[-1])
     print("\nThe annotator is trained. Serve it to Label Studio (README, 'DELSE in Label Studio'):\n")
     print("  " + serve_command(args.config_file, weights, args.opts))
     return 0

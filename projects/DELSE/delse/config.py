@@ -133,6 +133,12 @@ def add_delse_config(cfg):
     # resolution), so it can tell inside from outside where the drag starts. False: the paper's
     # (V, drags) input; checkpoints trained with one setting do not load with the other.
     cfg.MODEL.DELSE.EDIT_READS_PHI0 = False
+    # Not in the paper (issue #22): the interactive fine-tuning (PHASE "joint", NUM_CORRECTIONS > 0, motion
+    # editing) trains the motion-editing block alone; every other part keeps its weights and its batch-norm
+    # statistics (eval mode), so the prediction from the extreme points stays exactly the base model's
+    # (fine-tuning the whole network cost 1.3 mIoU@4, BENCHMARKS.md section 7d) while the block learns the
+    # drags that a preview applies. False: the whole network fine-tunes (the paper).
+    cfg.MODEL.DELSE.TRAIN_EDITING_ONLY = False
 
     # ---------------------------------------------------------------- evaluation
     cfg.TEST.DELSE = CN()

@@ -236,6 +236,7 @@ class DELSE(nn.Module):
         heatmap_sigma=10.0,
         edit_signed_drags=False,
         edit_reads_phi0=False,
+        train_editing_only=False,
         test_flip=False,
     ):
         super().__init__()
@@ -293,6 +294,17 @@ class DELSE(nn.Module):
                            (motion_branch, self.use_motion), (modulation_branch, self.use_modulation)]:
             if not used:
                 part.requires_grad_(False)
+        # TRAIN_EDITING_ONLY: the block alone learns; the rest keeps its weights and (see train()) its
+        # batch-norm statistics. Only the simulated drags of the joint phase reach the block.
+        self.train_editing_only = bool(train_editing_only)
+        if self.train_editing_only:
+            if not (self.num_corrections > 0 and self.edits_motion and phase == "joint"):
+                raise ValueError("MODEL.DELSE.TRAIN_EDITING_ONLY trains the motion-editing block from simulated drags: it "
+                                 "needs NUM_CORRECTIONS > 0, CORRECTION_MODE 'motion_editing', PHASE 'joint' and not "
+                                 f"PIXEL_WISE; got {self.num_corrections}, {correction_mode!r}, {phase!r}, {self.pixel_wise}")
+            for child in self.children():
+                if child is not self.motion_editing:
+                    child.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg):
@@ -322,6 +334,7 @@ class DELSE(nn.Module):
                                                  extra_inputs=1 if d.EDIT_READS_PHI0 else 0),
             "edit_signed_drags": d.EDIT_SIGNED_DRAGS,
             "edit_reads_phi0": d.EDIT_READS_PHI0,
+            "train_editing_only": d.TRAIN_EDITING_ONLY,
             "test_flip": cfg.TEST.DELSE.FLIP,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -355,6 +368,16 @@ class DELSE(nn.Module):
     @property
     def device(self):
         return self.pixel_mean.device
+
+    def train(self, mode=True):
+        """nn.Module.train; with TRAIN_EDITING_ONLY every part but the motion-editing block stays in eval
+        mode, so its batch-norm layers normalise with, and do not update, their running statistics."""
+        super().train(mode)
+        if self.train_editing_only:
+            for child in self.children():
+                if child is not self.motion_editing:
+                    child.train(False)
+        return self
 
     @property
     def edits_motion(self):
