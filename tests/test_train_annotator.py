@@ -33,6 +33,9 @@ def test_trains_on_a_users_json_and_prints_the_serve_line(tmp_path, coco_sample_
     # the interactive stage trains the motion-editing block alone (MODEL.DELSE.TRAIN_EDITING_ONLY)
     moved = {k for k in state[restarted] if not torch.equal(state[restarted][k], state[weights][k])}
     assert moved and all(k.startswith("motion_editing.") for k in moved), sorted(moved)[:5]
+    for run in (out, out / "restart", out / "interactive"):  # each stage logs once, into its own log.txt
+        assert (run / "log.txt").read_text().count("Starting training from iteration") == 1, run
+    assert (proc.stdout + proc.stderr).count("Starting training from iteration") == 3  # the console: once a stage
     saved = {}
     for run, iters in [(out, 3), (out / "restart", 2), (out / "interactive", 2)]:
         saved[run.name] = cfg = yaml.safe_load((run / "config.yaml").read_text())  # as default_setup wrote it

@@ -36,6 +36,7 @@ iteration, ~50 min for stage 1 and ~22 min for 800 restart iterations; minutes o
 78.0 mIoU from the extreme points.
 """
 import argparse
+import multiprocessing
 import shlex
 import sys
 from pathlib import Path
@@ -148,13 +149,24 @@ def main(argv=None):
     if args.interactive_iters > 0:
         stages.append(["OUTPUT_DIR", str(Path(args.output_dir) / "interactive"), *args.opts, *data,
                        *interactive_opts(trained_weights(args.config_file, stages[-1]), args.interactive_iters)])
-    for opts in stages:
+    # Each stage in a process of its own: Detectron2's loggers keep the handlers a stage's default_setup adds
+    # (its log.txt, the console) for the life of a process, so in one process every later stage would be
+    # logged once more to the console and into the earlier stages' log.txt.
+    spawn = multiprocessing.get_context("spawn")
+    for number, opts in enumerate(stages, 1):
         train_args = default_argument_parser().parse_args(
             ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus),
              *(["--resume"] if args.resume else []), *map(str, opts)])
-        launch(_worker, args.num_gpus, dist_url=train_args.dist_url,
-               args=(train_args, args.json and str(Path(args.json).resolve()),
-                     args.image_root and str(Path(args.image_root).resolve())))
+        stage = spawn.Process(target=launch, args=(_worker, args.num_gpus),
+                              kwargs={"dist_url": train_args.dist_url,
+                                      "args": (train_args, args.json and str(Path(args.json).resolve()),
+                                               args.image_root and str(Path(args.image_root).resolve()))})
+        stage.start()
+        stage.join()
+        if stage.exitcode != 0:
+            print(f"train_annotator: stage {number} of {len(stages)} ({opts[1]}) failed (exit code {stage.exitcode}); "
+                  "fix the cause and run the same command with --resume", file=sys.stderr)
+            return 1
     weights = trained_weights(args.config_file, stages[-1])
     print("\nThe annotator is trained. Serve it to Label Studio (README, 'DELSE in Label Studio'):\n")
     print("  " + serve_command(args.config_file, weights, args.opts))
