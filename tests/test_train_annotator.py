@@ -76,13 +76,15 @@ BENCHMARKED_2 = BENCHMARKED + ["SEED", "10", "MODEL.WEIGHTS", "stage1/model_fina
 
 
 def test_the_default_annotator_is_the_benchmarked_recipe(import_tool):
-    """tools/train_annotator.py --restart-iters 800 SEED 8 trains what BENCHMARKS.md section 6's two commands
-    trained (every key training reads); the annotator config differs only in what inference reads."""
+    """tools/train_annotator.py SEED 8 (its default config and restart) trains what BENCHMARKS.md section 6's two
+    commands trained (every key training reads); the annotator config differs only in what inference reads."""
     tool = import_tool(".", "train_annotator")
+    defaults = tool.build_parser().parse_args(["SEED", "8"])
+    assert (defaults.config_file, defaults.interactive_iters) == (str(tool.DEFAULT_CONFIG), 200)  # section 7e's
     benchmarked = REPO / "configs/DELSE/delse_R_50_coco128.yaml"
-    stage1 = ["SEED", "8"]
+    stage1 = defaults.opts
     seed = tool.run_config(tool.DEFAULT_CONFIG, stage1).SEED
-    stage2 = stage1 + tool.restart_opts("stage1/model_final.pth", 800, seed)
+    stage2 = stage1 + tool.restart_opts("stage1/model_final.pth", defaults.restart_iters, seed)
     for ours, theirs in [(stage1, BENCHMARKED_1), (stage2, BENCHMARKED_2)]:
         a, b = tool.run_config(tool.DEFAULT_CONFIG, ours), tool.run_config(benchmarked, theirs)
         assert (a.MODEL.DELSE.DRAG_EDIT, b.MODEL.DELSE.DRAG_EDIT) == ("result", "none")  # inference only

@@ -8,32 +8,35 @@ mark). Each stage is a train_net.py run (resumable with --resume, multi-GPU with
 
 1. the config's schedule (the annotator config: 1800 iterations, bfloat16 on the CPU, a moving average of
    the weights);
-2. with --restart-iters N, N more iterations from stage 1's weights (the trained ones, not their average)
+2. --restart-iters N (default 800), N more iterations from stage 1's weights (the trained ones, not their average)
    with the learning rate back at BASE_LR and its step at 4/5 of N: a warm restart, into OUTPUT/restart. With
    N = 800 this is BENCHMARKS.md section 6's recipe (mIoU 84-85 from the 4 extreme points on COCO-MVal,
    zero-shot); where SEED is set, the restart runs with SEED + 2, as the benchmarked runs did;
-3. with --interactive-iters N, N iterations of interactive fine-tuning from the weights served so far, on
+3. --interactive-iters N (default 200), N iterations of interactive fine-tuning from the weights served so far, on
    the same data, into OUTPUT/interactive: U{0..3} simulated drags per sample through the motion-editing
    block, which the earlier stages leave untrained (without it a preview is the full pass). Unlike
    configs/DELSE/delse_R_50_coco128_interactive.yaml (the paper's way: the whole network fine-tunes, which
    cost 1.3 mIoU from the extreme points in BENCHMARKS.md section 7d, ~13 s per iteration), the block alone
    trains (MODEL.DELSE.TRAIN_EDITING_ONLY): the prediction from the extreme points stays the served model's,
-   ~2 s per iteration on 2 CPU cores. Off by default.
+   ~2 s per iteration on 2 CPU cores. 200 iterations: drags +0.26 IoU at the first correction (paired, 800
+   COCO-MVal objects), NoC@90 8.62 -> 7.93, a 35 ms preview (BENCHMARKS.md section 7e).
+
+0 skips a stage.
 
 At the end the command prints how to serve the model, with each drag enforced on the contour
 (MODEL.DELSE.DRAG_EDIT "result", BENCHMARKS.md section 7b). Where a stage keeps a moving average of the
 weights (SOLVER.EMA.ENABLED), the line serves it (model_final_ema.pth), and the interactive stage starts from it
 (the interactive stage keeps none: its few hundred iterations are too few for one).
 
-    .venv/bin/python tools/train_annotator.py --restart-iters 800               # the benchmarked annotator
-    .venv/bin/python tools/train_annotator.py --num-gpus 8 --restart-iters 800  # the same on 8 GPUs
+    .venv/bin/python tools/train_annotator.py                                   # the benchmarked annotator
+    .venv/bin/python tools/train_annotator.py --num-gpus 8                      # the same on 8 GPUs
     .venv/bin/python tools/train_annotator.py --json my/train.json --image-root my/images \\
-        --output-dir output/my_annotator --restart-iters 800                    # your photos
+        --output-dir output/my_annotator                                        # your photos
 
 Time on 2 CPU cores with bfloat16 dot products (`avx512_bf16` or `amx_bf16` in /proc/cpuinfo): 1.67 s per
-iteration, ~50 min for stage 1 and ~22 min for 800 restart iterations; minutes on a GPU. The quicker model of
-`--config-file configs/DELSE/delse_R_50_coco128.yaml` (400 iterations on 84 photos, float32, ~35 min) reads
-78.0 mIoU from the extreme points.
+iteration, ~50 min for stage 1, ~22 min for the restart and ~7 min for the interactive stage; minutes on a GPU.
+The quicker model of `--config-file configs/DELSE/delse_R_50_coco128.yaml --restart-iters 0` (400 iterations on
+84 photos, float32, ~35 min) reads 78.0 mIoU from the extreme points.
 """
 import argparse
 import multiprocessing
@@ -114,7 +117,7 @@ def _worker(args, json_file, image_root):
     return main(args)
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config-file", default=str(DEFAULT_CONFIG))
@@ -122,13 +125,18 @@ def main(argv=None):
     ap.add_argument("--image-root", help="the folder the json's file_names are relative to")
     ap.add_argument("--output-dir", default=str(REPO / "output/annotator"))
     ap.add_argument("--num-gpus", type=int, default=1)
-    ap.add_argument("--restart-iters", type=int, default=0,
+    ap.add_argument("--restart-iters", type=int, default=800,
                     help="iterations of the warm restart from the first stage's weights, into OUTPUT/restart "
-                         "(0: none; 800: the benchmarked recipe; default %(default)s)")
-    ap.add_argument("--interactive-iters", type=int, default=0,
+                         "(0: none; default %(default)s, the benchmarked recipe)")
+    ap.add_argument("--interactive-iters", type=int, default=200,
                     help="iterations of the interactive fine-tuning, into OUTPUT/interactive (0: none; default %(default)s)")
     ap.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE ...)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     if bool(args.json) != bool(args.image_root):
         ap.error("--json and --image-root go together")
