@@ -155,10 +155,60 @@ def test_replayed_drags_match_direct_calls(server, predictor):
         np.testing.assert_allclose(out["results"][0]["result"][0]["value"]["points"],
                                    np.stack([(poly[:, 0] + 0.5) * 100 / W, (poly[:, 1] + 0.5) * 100 / H], 1),
                                    atol=1e-4)
-    # The same five clicks once more, now as a fresh replay (another task first clears the cache).
+    # The same five clicks once more after another task's request: the same polygon.
     _post(url + "/predict", {**_body(clicks), "tasks": [{"id": 8, "data": {"image": "/data/upload/cell.png"}}]})
     status, again = _post(url + "/predict", _body(clicks + [_click(*p) for p in drag_pct]))
     assert again["results"][0]["result"][0]["value"]["points"] == out["results"][0]["result"][0]["value"]["points"]
+
+
+class _Counting:
+    """A predictor that counts its passes (everything else is the wrapped one's)."""
+
+    def __init__(self, predictor):
+        self.predictor, self.calls = predictor, {"predict": 0, "correct": 0}
+
+    def predict(self, *args, **kwargs):
+        self.calls["predict"] += 1
+        return self.predictor.predict(*args, **kwargs)
+
+    def correct(self, *args, **kwargs):
+        self.calls["correct"] += 1
+        return self.predictor.correct(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+
+@pytest.mark.parametrize("state_cache, passes", [(8, {"predict": 2, "correct": 1}), (1, {"predict": 3, "correct": 1}),
+                                                 (0, {"predict": 3, "correct": 1})])
+def test_going_back_to_an_earlier_object_continues_its_kept_state(predictor, image_dir, state_cache, passes):
+    """Object A (task 7), object B (task 8, the same image), then a drag on A: with the states of the last
+    objects kept, A's drag is one correct() on A's state (no replay of its 4 clicks); keeping one state (B's)
+    or none replays A. Every way gives the polygon of a direct predict + correct on A."""
+    counting = _Counting(predictor)
+    backend = DELSEBackend(counting, "t", ImageLoader(path_map=[("/data/upload/", str(image_dir))]),
+                           state_cache=state_cache)
+    clicks = [_click(*PCT[p]) for p in (LEFT, RIGHT, TOP, BOTTOM)]
+    drag = (104.0, 52.0)
+    drag_click = _click((drag[0] + 0.5) * 100 / W, (drag[1] + 0.5) * 100 / H)
+
+    def request(task_id, regions):
+        task = {"id": task_id, "data": {"image": "/data/upload/cell.png"}}
+        return backend.predict_tasks([task], {"result": regions}, LABEL_CONFIG)[0]["result"][0]["value"]["points"]
+
+    request(7, clicks)
+    request(8, [_click(*PCT[p]) for p in (LEFT, RIGHT, TOP, BOTTOM)][:3] + [_click(50.3125, 70.0)])  # another object
+    points = request(7, clicks + [drag_click])
+    assert counting.calls == passes
+    first = predictor.predict(_image(), [LEFT, RIGHT, TOP, BOTTOM])
+    poly = predictor.correct(tuple(_nearest_vertex(first.polygons, drag)), drag).polygon[:-1]
+    np.testing.assert_allclose(points, np.stack([(poly[:, 0] + 0.5) * 100 / W, (poly[:, 1] + 0.5) * 100 / H], 1),
+                               atol=1e-4)
+
+
+def test_a_negative_state_cache_is_refused(predictor):
+    with pytest.raises(ValueError, match="state_cache"):
+        DELSEBackend(predictor, "t", state_cache=-1)
 
 
 def test_fewer_than_four_points_and_negative_clicks(server):

@@ -8,6 +8,7 @@ redirects, bombs, floods and dribbles on request) and two canaries on other loca
 record every request they get: one no image may come from, one allowed as an image host."""
 import argparse
 import concurrent.futures
+from collections import OrderedDict
 import json
 import socket
 import struct
@@ -429,11 +430,10 @@ def test_internal_errors_show_no_internals(env, monkeypatch):
             raise RuntimeError("/srv/secret/model.pth: boom")
 
     monkeypatch.setattr(env.backend, "predictor", Broken())
-    monkeypatch.setattr(env.backend, "_last", None)
+    monkeypatch.setattr(env.backend, "_states", OrderedDict())  # no kept state to continue from
     status, out = _post(env, _body())
     assert status == 500 and out == {"error": "internal error of the ML backend (details in its log)"}
     monkeypatch.undo()
-    env.backend._last = None
     _assert_good(env)
 
 

@@ -4,11 +4,13 @@ levelset_d2.label_studio_server, with basic auth on; BENCHMARKS.md, section
 "Label Studio latency"): POST /predict bodies as Label Studio sends them, on dsb2018 dev nuclei
 clicked at their GT extreme points, images read through --path-map (no Label Studio needed).
 
-Per object, three requests:
+Per object, the requests of an annotator who also clicks another object in between:
 - 4 clicks (a new task: image read + decode + predict),
 - a 5th click, the drag, continuing from the last request's predictor state (the usual case),
-- the same 5 clicks replayed from scratch (predict + drag; what any request costs after another
-  task or object came in between).
+- another object's 4 clicks on the same image (not reported),
+- a 6th click, a second drag, back on the first object: it goes on from the state the backend kept,
+- the same 6 clicks with the kept states dropped: replayed from scratch (predict + 2 drags; what a
+  request costs once its object's state is no longer kept).
 
     OMP_NUM_THREADS=2 .venv/bin/python tools/benchmarks/bench_label_studio_latency.py \\
         --weights output/delse_R_18_dsb2018/model_final.pth --objects 10 [KEY VALUE ...]
@@ -79,26 +81,31 @@ def main():
         ys, xs = np.nonzero(gt)
         pts = [(xs[i], ys[i]) for i in (xs.argmin(), xs.argmax(), ys.argmin(), ys.argmax())]
         cy = ys.mean()
-        drag = (min(float(xs.max()) + 2, W - 1.0), float(cy))  # 2 px beyond the right extreme
+        drags = [(min(float(xs.max()) + 2, W - 1.0), float(cy)),  # 2 px beyond the right extreme
+                 (max(float(xs.min()) - 2, 0.0), float(cy))]  # then beyond the left one
         clicks = [{"from_name": "kp", "to_name": "image", "type": "keypointlabels", "original_width": W,
                    "original_height": H, "value": {"x": (x + 0.5) * 100 / W, "y": (y + 0.5) * 100 / H,
-                                                   "keypointlabels": ["Nucleus"]}} for x, y in pts + [drag]]
+                                                   "keypointlabels": [label]}}
+                  for (x, y), label in zip(pts + drags + pts, ["Nucleus"] * 6 + ["Other"] * 4)]
 
-        def body(n):
+        def body(regions):
             return {"tasks": [{"id": task_id, "data": {"image": f"/data/upload/{im['file_name']}"}}],
-                    "label_config": config, "params": {"context": {"result": clicks[:n]}}}
+                    "label_config": config, "params": {"context": {"result": regions}}}
 
-        t4, out = post(body(4))
+        t4, out = post(body(clicks[:4]))
         assert out["results"][0]["result"], f"no polygon for annotation {ann['id']}"
-        t5, _ = post(body(5))
-        backend._last = None  # forget the predictor state: the next request replays all 5 clicks
-        t5r, _ = post(body(5))
-        rows.append((t4, t5, t5r))
+        t5, _ = post(body(clicks[:5]))
+        post(body(clicks[:5] + clicks[6:]))  # another object (label "Other") of the same image
+        t6, _ = post(body(clicks[:6] + clicks[6:]))  # back to the first object: a second drag
+        backend.forget_states()
+        t6r, _ = post(body(clicks[:6] + clicks[6:]))
+        rows.append((t4, t5, t6, t6r))
         print(f"ann {ann['id']:>6} {im['file_name']} {W}x{H}: 4 clicks {t4 * 1000:6.1f} ms, drag "
-              f"{t5 * 1000:6.1f} ms, drag replayed {t5r * 1000:6.1f} ms")
+              f"{t5 * 1000:6.1f} ms, drag after another object {t6 * 1000:6.1f} ms, replayed {t6r * 1000:6.1f} ms")
     med = np.median(np.asarray(rows), 0) * 1000
     print(f"\nmedian over {len(rows)} objects (torch threads {torch.get_num_threads()}, device {args.device}): "
-          f"4 clicks {med[0]:.1f} ms, drag {med[1]:.1f} ms, drag replayed {med[2]:.1f} ms")
+          f"4 clicks {med[0]:.1f} ms, drag {med[1]:.1f} ms, drag after another object {med[2]:.1f} ms, "
+          f"replayed {med[3]:.1f} ms")
     print_provenance()
     server.close()
 

@@ -85,6 +85,17 @@ class DELSEPredictor:
         self._warned_preview = False
 
     @property
+    def state(self):
+        """The interaction of the last ``predict()`` / ``correct()`` (None before the first): an opaque object
+        (its tensors stay on the model's device) to hand to :meth:`restore` later, after other objects."""
+        return self._state
+
+    def restore(self, state):
+        """Make ``state`` (an earlier :attr:`state`) the current interaction: the next ``correct()`` goes on
+        with that object. ``correct()`` updates the state it continues in place."""
+        self._state = state
+
+    @property
     def can_preview(self) -> bool:
         """Whether ``correct(preview=True)`` is the editing-block-only pass: the model edits the motion
         field and its motion-editing block was trained. The block's last conv starts at exactly zero
