@@ -5,13 +5,14 @@ The server (Flask app on waitress, basic auth, limits, image fetching) is the sh
 :mod:`levelset_d2.label_studio_server`; this module is DELSE's model adapter and its command.
 
 Interactive requests carry the annotator's ``keypointlabels`` regions; every click re-sends all
-points of that label and image, so the server is stateless: the first four points are the extreme
+points of that label and image, so correctness needs no server state: the first four points are the extreme
 points (assigned to left/right/top/bottom by geometry), each further point is a drag target whose
 source is the nearest vertex of the current contour, replayed in order. The predictor states of the
 last few objects (task, image, label) are kept, and a request that only adds points to one of them
 goes on from it (speed, not correctness: replay is deterministic), so going back to an earlier
-object of an image does not replay its clicks. One model per process; requests are serialised around it by a lock, and a request
-with more than ``max_clicks`` clicks (each drag is a full model pass) is refused.
+object of an image does not replay its clicks. One model per process; requests are serialised
+around it by a lock, and a request with more than ``max_clicks`` clicks (each drag is a full model
+pass) is refused.
 
 Run (see the README's "DELSE in Label Studio")::
 
@@ -184,8 +185,8 @@ class DELSEBackend(LabelStudioBackend):
             or ``"brush"``.
         max_clicks: most keypoint clicks in one request; more is refused (422).
         state_cache: predictor states kept, one per object, the most recent (0: every request
-            replays its clicks). A state holds the crop and the branches' outputs: ~2 MB for the
-            256 px R-50 annotator.
+            replays its clicks). A state holds the crop and the branches' outputs (~2 MB for the
+            256 px R-50 annotator) and the result's mask, 1 byte per image pixel.
     """
 
     model_class = "DELSE"
