@@ -437,6 +437,15 @@ def test_internal_errors_show_no_internals(env, monkeypatch):
     _assert_good(env)
 
 
+def test_a_flood_of_new_objects_keeps_a_bounded_number_of_states(env):
+    """A stranger's 30 objects (one task id each): the backend keeps the states of 8 of them, no more, and a
+    good request is served after."""
+    for _ in range(30):
+        assert _post(env, _body())[0] == 200  # _body: a new task id each time
+    assert len(env.backend._states) == 8
+    _assert_good(env)
+
+
 def test_flood_of_concurrent_requests(env):
     """100 requests at once (25x the worker threads): each answered, the good ones correctly."""
     def one(i):

@@ -84,13 +84,17 @@ def trained_weights(config_file, opts=(), average=True):
     return Path(cfg.OUTPUT_DIR) / (EMA_WEIGHTS_FILE if average and cfg.SOLVER.EMA.ENABLED else "model_final.pth")
 
 
+def _schedule(iters):
+    """SOLVER overrides of a stage of ``iters`` iterations, the learning rate's step at 4/5 of them."""
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, iters * 4 // 5)},)"]
+
+
 def restart_opts(weights, iters, seed):
     """Overrides of the warm restart: ``iters`` more iterations from ``weights`` in the joint phase, the
     learning rate back at BASE_LR (with its warm-up) and its step at 4/5; SEED + 2 where ``seed`` is set
     (>= 0), as BENCHMARKS.md section 6's runs (seeds 7 / 8 / 9, restarts 9 / 10 / 11)."""
     return ["MODEL.WEIGHTS", str(weights), "MODEL.DELSE.PHASE", "joint", "MODEL.DELSE.PRETRAIN_ITERS", "0",
-            "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({max(1, iters * 4 // 5)},)",
-            "SEED", str(seed + 2 if seed >= 0 else seed)]
+            *_schedule(iters), "SEED", str(seed + 2 if seed >= 0 else seed)]
 
 
 def interactive_opts(base_weights, iters):
@@ -102,9 +106,8 @@ def interactive_opts(base_weights, iters):
     return ["MODEL.WEIGHTS", str(base_weights), "MODEL.DELSE.PHASE", "joint", "MODEL.DELSE.PRETRAIN_ITERS", "0",
             "MODEL.DELSE.NUM_CORRECTIONS", "3", "MODEL.DELSE.CORRECTION_SAMPLING", "uniform",
             "MODEL.DELSE.CORRECTION_MODE", "motion_editing", "MODEL.DELSE.TEST_NUM_CORRECTIONS", "3",
-            "SOLVER.MAX_ITER", str(iters),
-            "SOLVER.STEPS", f"({max(1, iters * 4 // 5)},)", "SOLVER.WARMUP_ITERS", str(min(10, iters)),
-            # no moving average: over ~100 iterations a 0.995 average would stay ~60 % the untrained block
+            *_schedule(iters), "SOLVER.WARMUP_ITERS", str(min(10, iters)),
+            # no moving average: after 200 iterations a 0.995 average would still be 37 % the untrained block
             "SOLVER.EMA.ENABLED", "False", "MODEL.DELSE.TRAIN_EDITING_ONLY", "True"]
 
 

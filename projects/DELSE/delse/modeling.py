@@ -302,9 +302,8 @@ class DELSE(nn.Module):
                 raise ValueError("MODEL.DELSE.TRAIN_EDITING_ONLY trains the motion-editing block from simulated drags: it "
                                  "needs NUM_CORRECTIONS > 0, CORRECTION_MODE 'motion_editing', PHASE 'joint' and not "
                                  f"PIXEL_WISE; got {self.num_corrections}, {correction_mode!r}, {phase!r}, {self.pixel_wise}")
-            for child in self.children():
-                if child is not self.motion_editing:
-                    child.requires_grad_(False)
+            for part in self._frozen_parts():
+                part.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg):
@@ -373,11 +372,13 @@ class DELSE(nn.Module):
         """nn.Module.train; with TRAIN_EDITING_ONLY every part but the motion-editing block stays in eval
         mode, so its batch-norm layers normalise with, and do not update, their running statistics."""
         super().train(mode)
-        if self.train_editing_only:
-            for child in self.children():
-                if child is not self.motion_editing:
-                    child.train(False)
+        for part in self._frozen_parts():
+            part.train(False)
         return self
+
+    def _frozen_parts(self):
+        """The children TRAIN_EDITING_ONLY freezes: all but the motion-editing block (none without it)."""
+        return [c for c in self.children() if c is not self.motion_editing] if self.train_editing_only else []
 
     @property
     def edits_motion(self):
