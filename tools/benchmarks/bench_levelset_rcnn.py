@@ -67,6 +67,8 @@ SUITES = {
     "dsb2018_r50": {
         "Mask R-CNN": LS / "mask_rcnn_R_50_FPN_dsb2018.yaml",
         "LevelSet R-CNN": LS / "levelset_rcnn_R_50_FPN_dsb2018.yaml",
+        # Optional (--models), not in the paper: the RoI's image crop as 3 more Chan-Vese channels.
+        "LevelSet R-CNN + image crop": LS / "levelset_rcnn_image_R_50_FPN_dsb2018.yaml",
     },
 }
 CONFIGS = {}  # the chosen suite's (main() sets it)
