@@ -1,13 +1,15 @@
 """Benchmarks of the shared level-set core. Prints Markdown tables for BENCHMARKS.md.
 
-    .venv/bin/python tools/benchmarks/bench_core.py [--device cpu|cuda] [--skip-skimage] [--only bandwidth ...]
+    .venv/bin/python tools/benchmarks/bench_core.py [--device cpu|cuda] [--skip-skimage] [--only bandwidth ...] [--compile]
 
 1. ``mask_to_tsdf`` cost for R RoIs at 112x112 (the LevelSet R-CNN target size), vs SciPy in a loop.
 2. One Chan-Vese step on 50 RoIs x 64 x 112 x 112: a naive ``(F - c)^2`` implementation vs
    ``levelset.chan_vese`` (which expands the data term), forward and forward+backward.
 3. The 3-step Chan-Vese forward against the memory-bandwidth bound of the device: the time to read
    phi_0 and the features and write phi_N once at the measured copy bandwidth (what a kernel fusing
-   all steps could reach), and the evolution's cost in elementwise passes over phi.
+   all steps could reach), and the evolution's cost in elementwise passes over phi. With ``--compile``
+   also the same forward through ``torch.compile`` (Inductor fuses elementwise ops; needs a C++
+   compiler on CPU), its first-call compile time and its largest difference from the eager result.
 4. Classic Chan-Vese on real photographs (scikit-image's test images) against
    ``skimage.segmentation.chan_vese``: energy ratio and partition IoU.
 5. ``levelset.synthetic.generate_coco_dataset``: time to write the built-in synthetic set (it is made
@@ -117,7 +119,7 @@ def bench_chan_vese(device, R=50, C=64, S=112, steps=3):
     print(f"| forward + backward | {c:.0f} | {d:.0f} ({c / d:.1f}x faster) | {g:.0f} ({c / g:.1f}x faster) |")
 
 
-def bench_bandwidth(device, R=50, C=64, S=112, h=28, steps=3):
+def bench_bandwidth(device, R=50, C=64, S=112, h=28, steps=3, compile=False):
     """Chan-Vese forward (coarse features, as LevelSetMaskHead runs it) vs the memory-bandwidth bound."""
     torch.manual_seed(0)
     big = torch.empty(64 * 2**20, device=device).uniform_()  # 256 MiB, beyond any cache
@@ -138,6 +140,16 @@ def bench_bandwidth(device, R=50, C=64, S=112, h=28, steps=3):
           "| bound / evolution | evolution in elementwise passes over phi |\n|---|---|---|---|---|")
     print(f"| {bandwidth / 1e9:.1f} | {evolve_ms:.2f} | {bound_ms:.3f} | {bound_ms / evolve_ms:.1%} "
           f"| {evolve_ms / pass_ms:.0f} |")
+    if compile:
+        evolve = lambda: levelset.chan_vese(phi, feats, steps=steps, **kw)
+        compiled = torch.compile(lambda: levelset.chan_vese(phi, feats, steps=steps, **kw))
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            diff = float((compiled() - evolve()).abs().max())  # the first call compiles
+            compile_s = time.perf_counter() - t0
+            compiled_ms = timeit(compiled, device=device)
+        print(f"\n| torch.compile: first call (s) | compiled forward (ms) | eager / compiled | max |compiled - eager| |"
+              f"\n|---|---|---|---|\n| {compile_s:.1f} | {compiled_ms:.2f} | {evolve_ms / compiled_ms:.2f}x | {diff:.1e} |")
 
 
 def bench_skimage():
@@ -181,12 +193,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-skimage", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="bandwidth section: also time torch.compile's evolution")
     ap.add_argument("--only", nargs="+", choices=["tsdf", "chan_vese", "bandwidth", "skimage", "synthetic"],
                     help="run only these sections")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     sections = {"tsdf": lambda: bench_tsdf(args.device), "chan_vese": lambda: bench_chan_vese(args.device),
-                "bandwidth": lambda: bench_bandwidth(args.device), "skimage": bench_skimage,
+                "bandwidth": lambda: bench_bandwidth(args.device, compile=args.compile), "skimage": bench_skimage,
                 "synthetic": bench_synthetic}
     for name, run in sections.items():
         if (args.only and name not in args.only) or (name == "skimage" and args.skip_skimage):
