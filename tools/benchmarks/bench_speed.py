@@ -145,6 +145,11 @@ HEADS = {
     # ... and the hyperparameter head reading the pooled RoI features (no convs: average pool + 2 FC).
     "paper features, no hyperparameter convs": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "0"]),
     "paper features, one hyperparameter conv": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "1"]),
+    # The nuclei model (image crop, no features conv) with a lighter hyperparameter head.
+    "+ image crop, no features conv, one hyperparameter conv": (
+        "levelset_rcnn", IMAGE + NO_CONV + ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "1"]),
+    "+ image crop, no features conv, no hyperparameter convs": (
+        "levelset_rcnn", IMAGE + NO_CONV + ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "0"]),
     # Issue #21 item 4: F standardised; and read from p2 pooled again at 28 x 28 (64-wide convs).
     "standardised F": ("levelset_rcnn", ["MODEL.LEVELSET.STANDARDIZE_FEATURES", "True"]),
     "standardised F from p2 at 28": ("levelset_rcnn", [
