@@ -24,6 +24,7 @@ from levelset_rcnn.mask_head import (
     GlobalHyperparameters,
     HighResMaskRCNNHead,
     LevelSetMaskHead,
+    conv1x1,
     split_hyperparameters,
     tsdf_loss,
     tsdf_targets,
@@ -101,8 +102,14 @@ def test_head_layer_shapes_and_ranges():
     head = small_head(num_steps=3)
     x = torch.randn(5, 16, 14, 14)
     out = head.layers(x)
-    assert out["initial_tsdf"].shape == (5, 3, 28, 28)
-    assert out["initial_tsdf"].abs().max() <= 1.0
+    assert out["initial_tsdf_logits"].shape == (5, 3, 28, 28)
+    # phi_0 of each RoI's class: tanh of that class's logits, bilinearly upsampled to S.
+    classes = torch.tensor([0, 2, 1, 1, 0])
+    phi0 = head.initial_phi(out["initial_tsdf_logits"], classes)
+    assert phi0.shape == (5, 1, head.evolution_resolution, head.evolution_resolution)
+    expected = F.interpolate(torch.tanh(out["initial_tsdf_logits"])[torch.arange(5), classes][:, None],
+                             size=head.evolution_resolution, mode="bilinear", align_corners=False)
+    assert torch.allclose(phi0, expected, atol=1e-6) and phi0.abs().max() <= 1.0
     assert out["hyperparameters"].shape == (5, 2 * 3 + 3)
     # Starting values (cfg.MODEL.LEVELSET.HYPERPARAM_INIT defaults): lambda1, lambda2, mu, eps x3, dt x3.
     starts = torch.tensor([1.0, 1.0, 0.5, 2.0, 2.0, 2.0, 4.0, 4.0, 4.0])
@@ -126,6 +133,21 @@ def test_head_layer_shapes_and_ranges():
     assert torch.allclose(h, torch.tensor([1.0, 1.0, 0.5, 2.0, 2.0, 4.0, 4.0]).expand(4, -1))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv1x1_equals_the_convolution_and_its_gradients(bias):
+    """The features head's 1 x 1 embedding as a matrix product: same values and gradients as the conv."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 4, kernel_size=1, bias=bias)
+    x = torch.randn(3, 6, 5, 7, requires_grad=True)
+    y = conv1x1(conv, x)
+    assert torch.allclose(y, conv(x), atol=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad((y * g).sum(), [x, *conv.parameters()])
+    expected = torch.autograd.grad((conv(x) * g).sum(), [x, *conv.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, expected))
+    assert conv1x1(conv, torch.zeros(0, 6, 5, 7)).shape == (0, 4, 5, 7)
+
+
 def test_features_head_can_share_the_tsdf_convs():
     """FEATURES_INPUT "tsdf_convs": the embedding reads the initial TSDF head's conv stack (one
     computation for both), phi_0 stays Detectron2's mask head layers + tanh, and the phi_N loss
@@ -135,7 +157,7 @@ def test_features_head_can_share_the_tsdf_convs():
     x = torch.randn(5, 16, 14, 14)
     out = head.layers(x)
     d2 = head.initial_tsdf_head
-    assert torch.allclose(out["initial_tsdf"], torch.tanh(d2.layers(x)), atol=1e-6)
+    assert torch.allclose(out["initial_tsdf_logits"], d2.layers(x), atol=1e-6)
     convs = d2.mask_fcn1(x)  # small_head: one conv, then the deconv
     assert torch.allclose(out["chan_vese_features"], head.chan_vese_features(convs), atol=1e-6)
     assert len(head.chan_vese_features.convs) == 0  # only its deconv and 1x1 of its own
@@ -293,7 +315,9 @@ def test_head_training_loss_and_inference_shapes():
     # pred_masks = H_eps(phi_N) of eq. 4, written out: 0.5 (1 + 2/pi atan(phi / eps)), eps = LOSS_EPS.
     phi = out.pred_tsdf.double().numpy()
     np.testing.assert_allclose(out.pred_masks.numpy(), 0.5 * (1 + 2 / np.pi * np.arctan(phi / 0.1)), atol=1e-6)
-    assert ((out.pred_masks > 0.5) == (out.pred_tsdf > 0)).all() and (out.pred_tsdf > 0).any()
+    # The masks cut phi's zero level; within float32 rounding of it (|phi| << eps) H_eps is 0.5 exactly.
+    decided = out.pred_tsdf.abs() > 1e-6
+    assert ((out.pred_masks > 0.5) == (out.pred_tsdf > 0))[decided].all() and (out.pred_tsdf > 0).any()
 
 
 def _rasterize_in_roi(polygons, box, side):

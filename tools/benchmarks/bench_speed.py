@@ -237,15 +237,13 @@ def measure_breakdown(args, heads, run, x, classes):
     layers, called one by one on the same RoI features), timed in alternation over ``--rounds``."""
     import torch
 
-    from levelset_rcnn.mask_head import select_class
-
     head = heads[args.breakdown]
     if getattr(head, "image_crop_resolution", 0) or getattr(head, "features_pooler_resolution", 0) \
             or not hasattr(head, "chan_vese_features"):
         raise SystemExit(f"--breakdown: {args.breakdown!r} is not a LevelSet R-CNN head on the pooled RoI features alone")
     with torch.no_grad():
         out = head.layers(x)
-        phi0 = head.upsample(select_class(out["initial_tsdf"], classes))
+        phi0 = head.initial_phi(out["initial_tsdf_logits"], classes)
         # What the features head reads; the TSDF head's convs (FEATURES_INPUT tsdf_convs) are timed there.
         source = head.tsdf_convs(x) if head.features_input == "tsdf_convs" else x
 
@@ -262,7 +260,7 @@ def measure_breakdown(args, heads, run, x, classes):
     parts = {  # name -> callable returning seconds
         "Mask R-CNN head (whole)": lambda: run("Mask R-CNN"),
         f"{args.breakdown} (whole)": lambda: run(args.breakdown),
-        "  initial TSDF head (Mask R-CNN's layers + tanh)": timed(lambda: head.initial_tsdf(x)),
+        "  initial TSDF head (Mask R-CNN's layers, tanh of the class)": timed(lambda: head.initial_phi(head.initial_tsdf_logits(x), classes)),
         "  hyperparameter head": timed(lambda: head.hyperparameter_head(x)),
         "  Chan-Vese features head": timed(lambda: head.chan_vese_features(source)),
         "  Chan-Vese steps (levelset.chan_vese)": timed(lambda: head.evolve(phi0, out)),
@@ -279,7 +277,7 @@ def measure_breakdown(args, heads, run, x, classes):
     for name, v in ms.items():
         print(f"  {name}: {v:.2f} ({v / base:.2f}x)")
     rest = ms[f"{args.breakdown} (whole)"] - sum(v for name, v in ms.items() if name.startswith("  "))
-    print(f"  rest (class selection, upsampling, masks; whole minus parts): {rest:.2f} ({rest / base:.2f}x)")
+    print(f"  rest (the masks, dict and split overheads; whole minus parts): {rest:.2f} ({rest / base:.2f}x)")
 
 
 def measure_interleaved(args):

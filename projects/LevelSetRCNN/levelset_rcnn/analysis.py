@@ -14,7 +14,7 @@ import torch
 from detectron2.structures import Boxes, BoxMode, Instances, pairwise_iou
 from levelset_d2.inference import test_time_input
 
-from .mask_head import select_class, split_hyperparameters
+from .mask_head import split_hyperparameters
 from .roi_heads import LevelSetROIHeads, pool_image_crops, with_image
 
 __all__ = ["EvolutionTrace", "trace_evolution", "match_to_ground_truth"]
@@ -73,7 +73,7 @@ def trace_evolution(cfg, model, image: np.ndarray, score_thresh: float = 0.0) ->
         x, inputs = heads.mask_pooler([features[f] for f in heads.mask_in_features], boxes), {}
     head = heads.mask_head
     out = head.layers(x, **inputs)
-    phi0 = head.upsample(select_class(out["initial_tsdf"], det.pred_classes))
+    phi0 = head.initial_phi(out["initial_tsdf_logits"], det.pred_classes)
     S = head.evolution_resolution
     return EvolutionTrace(
         instances=det, pooled=x, inputs=inputs,

@@ -21,7 +21,6 @@ from .mask_head import (
     HyperparameterHead,
     TSDFMaskRCNNHead,
     levelset_inference,
-    select_class,
     tsdf_loss,
     tsdf_targets,
 )
@@ -130,11 +129,11 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
     def layers(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Returns:
-            initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1]; motion_field: (R, 2, S, S);
+            initial_tsdf_logits: (R, K, T, T) per-class phi_0 before its tanh; motion_field: (R, 2, S, S);
             modulation: (R, 1, S, S) in [0, 1]; hyperparameters: (R, T + 2) when predicted.
         """
         out = {
-            "initial_tsdf": self.initial_tsdf(x),
+            "initial_tsdf_logits": self.initial_tsdf_logits(x),
             "motion_field": self.motion_head(x),
             "modulation": torch.sigmoid(self.modulation_head(x)),
         }
@@ -161,7 +160,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         """As :meth:`TSDFMaskRCNNHead.forward`; the loss also needs the motion field."""
         outputs = self.layers(x)
         classes = self._classes(instances, self.training)
-        phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
+        phi0 = self.initial_phi(outputs["initial_tsdf_logits"], classes)
         phi_n = self.evolve(phi0, outputs)
         if self.training:
             return self.delse_losses(outputs, phi0, phi_n, instances)

@@ -89,14 +89,24 @@ def tsdf_loss(
     return F.l1_loss(phi[:, 0].float(), gt_tsdf.float()) + heaviside_bce(phi, gt_masks, eps)
 
 
+def _centre(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    (R, C, h, w) -> (x minus its mean per RoI and channel, (R, C, 1, 1) standard deviation with
+    Bessel's correction, as ``torch.std``). Two passes over the centred values: on the CPU
+    ``torch.std`` over the spatial dims is ~10x slower at the mask head's sizes (BENCHMARKS.md section 5).
+    """
+    centred = x - x.mean(dim=(2, 3), keepdim=True)
+    n = max(x.shape[2] * x.shape[3] - 1, 1)
+    return centred, ((centred * centred).sum(dim=(2, 3), keepdim=True) / n).sqrt()
+
+
 def standardize_crops(crops: torch.Tensor) -> torch.Tensor:
     """
     (R, 3, S, S) image crops -> zero mean, unit standard deviation per RoI and channel, so that the
     image's Chan-Vese data term has the same scale whatever the RoI's brightness and contrast.
     """
-    mean = crops.mean(dim=(2, 3), keepdim=True)
-    std = crops.std(dim=(2, 3), keepdim=True).clamp_min(_CROP_MIN_STD)
-    return (crops - mean) / std
+    centred, std = _centre(crops)
+    return centred / std.clamp_min(_CROP_MIN_STD)
 
 
 def standardize_embedding(x: torch.Tensor, raw_gain: torch.Tensor, floor: float) -> torch.Tensor:
@@ -109,10 +119,9 @@ def standardize_embedding(x: torch.Tensor, raw_gain: torch.Tensor, floor: float)
     Args:
         x: (R, C, h, w) embedding; raw_gain: (C,) learned; floor: in (0, 1].
     """
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    std = x.std(dim=(2, 3), keepdim=True).clamp_min(_CROP_MIN_STD)
+    centred, std = _centre(x)
     gain = floor + (1.0 - floor) * F.softplus(raw_gain) / math.log(2.0)
-    return (x - mean) / std * (gain / math.sqrt(x.shape[1])).view(1, -1, 1, 1)
+    return centred / std.clamp_min(_CROP_MIN_STD) * (gain / math.sqrt(x.shape[1])).view(1, -1, 1, 1)
 
 
 def select_class(predictions: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -253,6 +262,20 @@ class GlobalHyperparameters(nn.Module):
         return bounded_positive(self.raw[None], self.start, self.floor).expand(x.size(0), -1)
 
 
+def conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """
+    A 1 x 1 ``conv`` (no norm, no activation) as one matrix product per RoI: (R, C_in, h, w) ->
+    (R, C_out, h, w), equal to ``conv(x)``. On the CPU mkldnn reorders an NCHW input for a 1 x 1
+    conv; the product is ~2x faster at the features head's sizes (BENCHMARKS.md section 5).
+    """
+    R, _, h, w = x.shape
+    c_out = conv.weight.shape[0]
+    weight = conv.weight.flatten(1).expand(R, -1, -1)  # (R, C_out, C_in), no copy
+    if conv.bias is None:
+        return torch.bmm(weight, x.flatten(2)).view(R, c_out, h, w)
+    return torch.baddbmm(conv.bias.view(1, -1, 1), weight, x.flatten(2)).view(R, c_out, h, w)
+
+
 class ChanVeseFeaturesHead(nn.Module):
     """
     Chan-Vese feature embedding F(r_m) (section 4.1): convs on the RoI features, a 2x deconv to C
@@ -289,7 +312,7 @@ class ChanVeseFeaturesHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C_in, h, w) -> (R, C, S, S), or (R, C, 2h, 2w) with ``upsample=False``."""
-        x = self.embedding(F.relu(self.deconv(self.convs(x))))
+        x = conv1x1(self.embedding, F.relu(self.deconv(self.convs(x))))
         if self.gain is not None:
             x = standardize_embedding(x, self.gain, self.gain_floor)
         if self.upsample and x.shape[-1] != self.resolution:
@@ -383,28 +406,31 @@ class TSDFMaskRCNNHead(nn.Module):
             x = conv(x)
         return x
 
-    def initial_tsdf(self, x: torch.Tensor, convs: torch.Tensor = None) -> torch.Tensor:
+    def initial_tsdf_logits(self, x: torch.Tensor, convs: torch.Tensor = None) -> torch.Tensor:
         """
-        (R, C_in, h, w) RoI features -> (R, K, T, T) per-class phi_0 in [-1, 1], T = 28. ``convs``:
-        :meth:`tsdf_convs` of ``x`` if already computed (``x`` is then not read).
+        (R, C_in, h, w) RoI features -> (R, K, 2h, 2w) per-class phi_0 before its tanh: Detectron2's
+        mask head layers. ``convs``: :meth:`tsdf_convs` of ``x`` if already computed (``x`` is then not read).
         """
         head = self.initial_tsdf_head
         convs = self.tsdf_convs(x) if convs is None else convs
-        phi = torch.tanh(head.predictor(head.deconv_relu(head.deconv(convs))))
+        return head.predictor(head.deconv_relu(head.deconv(convs)))
+
+    def initial_phi(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """
+        phi_0 of each RoI's class: (R, K, 2h, 2w) :meth:`initial_tsdf_logits`, (R,) int64 classes ->
+        (R, 1, S, S) in [-1, 1]: tanh, resized to T x T (T = 28) if the deconv gives another size,
+        then bilinearly upsampled to S. The class is selected first, as Mask R-CNN does before its
+        sigmoid: the tanh and the resampling then touch one map per RoI instead of K.
+        """
+        phi = torch.tanh(select_class(logits, classes))
         if phi.shape[-1] != self.tsdf_resolution:
             phi = F.interpolate(phi, size=self.tsdf_resolution, mode="bilinear", align_corners=False)
+        if phi.shape[-1] != self.evolution_resolution:
+            phi = F.interpolate(phi, size=self.evolution_resolution, mode="bilinear", align_corners=False)
         return phi
 
-    def upsample(self, phi: torch.Tensor) -> torch.Tensor:
-        """(R, 1, T, T) -> (R, 1, S, S). Done after class selection: K times cheaper than before."""
-        if phi.shape[-1] == self.evolution_resolution:
-            return phi
-        return F.interpolate(
-            phi, size=self.evolution_resolution, mode="bilinear", align_corners=False
-        )
-
     def layers(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return {"initial_tsdf": self.initial_tsdf(x)}
+        return {"initial_tsdf_logits": self.initial_tsdf_logits(x)}
 
     def evolve(self, phi0: torch.Tensor, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Final TSDF from phi_0 (R, 1, S, S). Without the Chan-Vese module phi_N = phi_0."""
@@ -428,7 +454,7 @@ class TSDFMaskRCNNHead(nn.Module):
         """
         outputs = self.layers(x, **inputs)
         classes = self._classes(instances, self.training)
-        phi0 = self.upsample(select_class(outputs["initial_tsdf"], classes))
+        phi0 = self.initial_phi(outputs["initial_tsdf_logits"], classes)
         phi_n = self.evolve(phi0, outputs)
         if self.training:
             return self.losses(outputs, phi0, phi_n, instances)
@@ -624,7 +650,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             fine_features: (R, C_in, P, P) the RoIs pooled at P = ``features_pooler_resolution``
                 from a finer FPN level, read by the Chan-Vese features head when P > 0 (ignored otherwise).
         Returns:
-            initial_tsdf: (R, K, T, T) per-class phi_0 in [-1, 1] (upsampled to S after selection),
+            initial_tsdf_logits: (R, K, 2h, 2w) per-class phi_0 before its tanh (:meth:`initial_phi`),
             hyperparameters: (R, 2N + 3) = lambda1, lambda2, mu, eps_1..N, dt_1..N, all positive,
                 eps in the evolution's units (pixels of the S x S grid by default),
             chan_vese_features: (R, C, 2h, 2w) (2P x 2P from fine features), standing for its bilinear upsampling to S x S
@@ -649,7 +675,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
         if self.normalize_features:
             features = F.normalize(features, dim=1, eps=1e-6)
         outputs = {
-            "initial_tsdf": self.initial_tsdf(x, convs),
+            "initial_tsdf_logits": self.initial_tsdf_logits(x, convs),
             "hyperparameters": self.hyperparameter_head(x),
             "chan_vese_features": features,
         }
