@@ -67,7 +67,7 @@ def _unroll(phi, dt, steps, velocity, return_all, phi_bound=None):
     clamped to ``[-phi_bound, phi_bound]``."""
     iterates = [phi]
     for n in range(steps):
-        phi = phi + dt[:, n].view(-1, 1, 1, 1) * velocity(phi, n)
+        phi = torch.addcmul(phi, dt[:, n].view(-1, 1, 1, 1), velocity(phi, n))
         if phi_bound is not None:
             phi = phi.clamp(-phi_bound, phi_bound)
         iterates.append(phi)
@@ -267,11 +267,11 @@ def chan_vese(phi, features, *, lambda1, lambda2, mu, eps, dt, steps, return_all
         def velocity(p, n):
             e = eps_[:, n].view(R, 1, 1, 1)
             c1, c2 = _region_means(feats, heaviside(p, e).view(R, H * W))
-            # -l1 |F - c1|^2 + l2 |F - c2|^2, expanded.
-            v = l1 * c1 - l2 * c2  # (R, C)
+            # -l1 |F - c1|^2 + l2 |F - c2|^2, expanded: (l2 - l1) |F|^2 + F.v + const.
+            v = 2.0 * (l1 * c1 - l2 * c2)  # (R, C)
             const = l2 * (c2 * c2).sum(1, keepdim=True) - l1 * (c1 * c1).sum(1, keepdim=True)  # (R, 1)
-            data = (l2 - l1) * feats.sq_norm + 2.0 * feats.dot(v) + const
-            return dirac(p, e) * (mu_ * curvature(p, "sobel", grad_eps) + data.view(R, 1, H, W))
+            data = torch.addcmul(feats.dot(v) + const, l2 - l1, feats.sq_norm)  # (R, P)
+            return dirac(p, e) * torch.addcmul(data.view(R, 1, H, W), mu_, curvature(p, "sobel", grad_eps))
 
         return _unroll(phi, dt_, steps, velocity, return_all, phi_bound)
 

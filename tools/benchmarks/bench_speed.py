@@ -145,6 +145,7 @@ HEADS = {
     # ... and the hyperparameter head reading the pooled RoI features (no convs: average pool + 2 FC).
     "paper features, no hyperparameter convs": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "0"]),
     "paper features, one hyperparameter conv": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "1"]),
+    "paper features, 64-wide hyperparameter convs": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_CONV_DIM", "64"]),
     # The nuclei model (image crop, no features conv) with a lighter hyperparameter head.
     "+ image crop, no features conv, one hyperparameter conv": (
         "levelset_rcnn", IMAGE + NO_CONV + ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "1"]),

@@ -40,6 +40,9 @@ def add_levelset_rcnn_config(cfg):
     # head's average pool; 0: the pool reads the RoI features themselves (saves ~0.07 ms of the
     # head's ~5.6 ms per RoI on 2 CPU threads, BENCHMARKS.md section 5: two convs, as in the paper).
     cfg.MODEL.LEVELSET.HYPERPARAM_NUM_CONV = 2
+    # Width of those convs; 0: ROI_MASK_HEAD.CONV_DIM (256). The paper gives no width ("a series
+    # of convolutions followed by average pooling"); the head outputs 2N + 3 numbers per RoI.
+    cfg.MODEL.LEVELSET.HYPERPARAM_CONV_DIM = 0
     # Width of the first of the two FC layers of the hyperparameter head.
     cfg.MODEL.LEVELSET.HYPERPARAM_FC_DIM = 256
     # Convs (ROI_MASK_HEAD.CONV_DIM wide) of the Chan-Vese features head before its upsampling

@@ -110,7 +110,7 @@ class DELSEMaskHead(TSDFMaskRCNNHead):
         ret.update(
             dense_conv_dims=[conv_dim] * ls.FEATURES_NUM_CONV,
             hyperparameter_head=d.HYPERPARAMETER_HEAD,
-            hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,
+            hyperparam_conv_dims=[ls.HYPERPARAM_CONV_DIM or conv_dim] * ls.HYPERPARAM_NUM_CONV,
             hyperparam_fc_dim=ls.HYPERPARAM_FC_DIM,
             steps=d.EVOLUTION_STEPS,
             dt=d.DT,

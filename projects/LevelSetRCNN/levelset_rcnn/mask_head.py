@@ -425,9 +425,13 @@ class TSDFMaskRCNNHead(nn.Module):
         phi = torch.tanh(select_class(logits, classes))
         if phi.shape[-1] != self.tsdf_resolution:
             phi = F.interpolate(phi, size=self.tsdf_resolution, mode="bilinear", align_corners=False)
-        if phi.shape[-1] != self.evolution_resolution:
-            phi = F.interpolate(phi, size=self.evolution_resolution, mode="bilinear", align_corners=False)
-        return phi
+        return self.upsample(phi)
+
+    def upsample(self, phi: torch.Tensor) -> torch.Tensor:
+        """(R, 1, T, T) -> (R, 1, S, S), bilinear; phi already at S is returned as is."""
+        if phi.shape[-1] == self.evolution_resolution:
+            return phi
+        return F.interpolate(phi, size=self.evolution_resolution, mode="bilinear", align_corners=False)
 
     def layers(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {"initial_tsdf_logits": self.initial_tsdf_logits(x)}
@@ -621,7 +625,7 @@ class LevelSetMaskHead(TSDFMaskRCNNHead):
             num_steps=ls.EVOLUTION_STEPS,
             embed_channels=ls.EMBED_CHANNELS,
             hyperparam_mode=ls.HYPERPARAM_MODE,
-            hyperparam_conv_dims=[conv_dim] * ls.HYPERPARAM_NUM_CONV,
+            hyperparam_conv_dims=[ls.HYPERPARAM_CONV_DIM or conv_dim] * ls.HYPERPARAM_NUM_CONV,
             hyperparam_fc_dim=ls.HYPERPARAM_FC_DIM,
             features_conv_dims=[ls.FEATURES_CONV_DIM or conv_dim] * ls.FEATURES_NUM_CONV,
             features_input=ls.FEATURES_INPUT,
