@@ -41,7 +41,9 @@ def add_levelset_rcnn_config(cfg):
     # head's ~5.6 ms per RoI on 2 CPU threads, BENCHMARKS.md section 5: two convs, as in the paper).
     cfg.MODEL.LEVELSET.HYPERPARAM_NUM_CONV = 2
     # Width of those convs; 0: ROI_MASK_HEAD.CONV_DIM (256). The paper gives no width ("a series
-    # of convolutions followed by average pooling"); the head outputs 2N + 3 numbers per RoI.
+    # of convolutions followed by average pooling"); the head outputs 2N + 3 numbers per RoI. 64 cuts the
+    # mask branch from ~1.39x to ~1.33x Mask R-CNN's per RoI on 2 CPU threads, but on COCO-MVal's
+    # ground-truth boxes its steps added less (two seeds): not the default (BENCHMARKS.md, ground-truth boxes).
     cfg.MODEL.LEVELSET.HYPERPARAM_CONV_DIM = 0
     # Width of the first of the two FC layers of the hyperparameter head.
     cfg.MODEL.LEVELSET.HYPERPARAM_FC_DIM = 256
