@@ -17,6 +17,13 @@ Rows of models not trained in a run come from their earlier evaluation in the sa
 With --parallel (CPU) both trainings run at once, one thread each; each model's evaluations start
 as soon as its own training ends, and LevelSet R-CNN's two (phi_N, phi_0) run side by side.
 
+With --resume each training continues from the last checkpoint in its output folder (train_net.py
+--resume: weights, optimiser, schedule and iteration), and checkpoints come every 100 iterations, so
+a run longer than a session is rerun with the same command until it ends:
+
+    .venv/bin/python tools/benchmarks/bench_levelset_rcnn.py --suite coco128 --iters 1500 --parallel --resume \
+        --output-dir output/coco128_1500 --models "Mask R-CNN" "LevelSet R-CNN"
+
 Writes the table to output/bench_dsb2018/results.md and, with --update-benchmarks, into
 BENCHMARKS.md between the markers of its section.
 """
@@ -100,12 +107,12 @@ def evaluations(name):
     return [(name, ())]
 
 
-def start(cmd, log_path, threads=None):
-    """Start a command with its output going to a log file."""
-    print("$", " ".join(str(c) for c in cmd), f"> {log_path}", flush=True)
+def start(cmd, log_path, threads=None, append=False):
+    """Start a command with its output going to a log file (appended to with ``append``)."""
+    print("$", " ".join(str(c) for c in cmd), f"{'>>' if append else '>'} {log_path}", flush=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    return subprocess.Popen([str(c) for c in cmd], stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO, env=env)
+    return subprocess.Popen([str(c) for c in cmd], stdout=open(log_path, "a" if append else "w"),
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
 
 
 def wait(procs):
@@ -125,8 +132,8 @@ def wait(procs):
             raise SystemExit(f"command failed ({p.returncode}); see {log}")
 
 
-def run(cmd, log_path, threads=None):
-    wait([(start(cmd, log_path, threads), log_path)])
+def run(cmd, log_path, threads=None, append=False):
+    wait([(start(cmd, log_path, threads, append), log_path)])
 
 
 def in_parallel(*jobs):
@@ -137,7 +144,8 @@ def in_parallel(*jobs):
 
 def train_opts(args, out_dir):
     opts = ["OUTPUT_DIR", out_dir, "SEED", args.seed, "SOLVER.MAX_ITER", args.iters,
-            "SOLVER.STEPS", f"({int(args.iters * 0.8)},)", "SOLVER.CHECKPOINT_PERIOD", args.iters,
+            "SOLVER.STEPS", f"({int(args.iters * 0.8)},)",
+            "SOLVER.CHECKPOINT_PERIOD", min(args.iters, 100) if args.resume else args.iters,
             "TEST.EVAL_PERIOD", 0]
     if args.size:
         opts += ["INPUT.MIN_SIZE_TRAIN", f"({args.size},)", "INPUT.MIN_SIZE_TEST", args.size]
@@ -199,6 +207,9 @@ def main():
     ap.add_argument("--models", nargs="+", choices=sorted({m for suite in SUITES.values() for m in suite}), default=DEFAULT_MODELS,
                     help="models to train and evaluate in this run (default: %(default)s)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue each training from its last checkpoint (checkpoints every 100 iterations; "
+                         "the training log is appended to)")
     ap.add_argument("--parallel", action="store_true", help="train both models at once, one thread each (CPU)")
     ap.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides for every run (KEY VALUE ...)")
@@ -219,9 +230,10 @@ def main():
     def train(name):
         # DATASETS.TEST () : no evaluation at the end of training; evaluate() does it below.
         cmd = [sys.executable, "train_net.py", "--config-file", CONFIGS[name], "--num-gpus", args.num_gpus,
+               *(["--resume"] if args.resume else []),
                *train_opts(args, out_dirs[name]), *MODEL_OPTS.get(name, ()), "DATASETS.TEST", "()"]
         t0 = time.time()
-        run(cmd, logs[name], threads)
+        run(cmd, logs[name], threads, append=args.resume)
         times[name] = time.time() - t0
 
     def evaluate_all(name, reuse_only=False):
