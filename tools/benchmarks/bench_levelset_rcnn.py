@@ -195,6 +195,17 @@ def evaluate(args, name, out_dir, extra=(), threads=None):
     return results
 
 
+CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")
+
+
+def split_models_and_opts(models, opts):
+    """argparse gives ``--models A B KEY VALUE ...`` all to --models (nargs="+"): split the names from the config
+    overrides at the first config key (``MODEL.X``), which go before the trailing ``opts``. A ``--`` separator
+    is dropped."""
+    start = next((i for i, m in enumerate(models) if CONFIG_KEY.fullmatch(m)), len(models))
+    return models[:start], [*models[start:], *(o for o in opts if o != "--")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=list(SUITES), default="dsb2018", help="which benchmark (default: %(default)s)")
@@ -204,8 +215,9 @@ def main():
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--num-gpus", type=int, default=1)
     ap.add_argument("--output-dir", help="default: output/bench_<suite>")
-    ap.add_argument("--models", nargs="+", choices=sorted({m for suite in SUITES.values() for m in suite}), default=DEFAULT_MODELS,
-                    help="models to train and evaluate in this run (default: %(default)s)")
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
+                    help="models to train and evaluate in this run (default: %(default)s); config overrides "
+                         "may follow them directly")
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing model_final.pth files")
     ap.add_argument("--resume", action="store_true",
                     help="continue each training from its last checkpoint (checkpoints every 100 iterations; "
@@ -214,7 +226,10 @@ def main():
     ap.add_argument("--update-benchmarks", action="store_true", help="write the table into BENCHMARKS.md")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="extra config overrides for every run (KEY VALUE ...)")
     args = ap.parse_args()
+    args.models, args.opts = split_models_and_opts(args.models, args.opts)
     CONFIGS.update(SUITES[args.suite])
+    if not args.models:
+        ap.error("--models needs at least one model name before the config overrides")
     unknown = [m for m in args.models if m not in CONFIGS]
     if unknown:
         ap.error(f"--models {unknown} are not in suite {args.suite!r}: {list(CONFIGS)}")
