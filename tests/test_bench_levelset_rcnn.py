@@ -9,8 +9,8 @@ def test_overrides_after_models_are_split_off(import_tool):
         ["Mask R-CNN", "LevelSet R-CNN", "INPUT.MIN_SIZE_TEST", "640", "MODEL.DEVICE", "cuda"], [])
     assert models == ["Mask R-CNN", "LevelSet R-CNN"]
     assert opts == ["INPUT.MIN_SIZE_TEST", "640", "MODEL.DEVICE", "cuda"]
-    # Overrides after another flag reach opts directly; a "--" separator is dropped; names with dots or
-    # lower case ("LevelSet R-CNN + image crop, features conv") are never taken for keys.
+    # Overrides after another flag reach opts directly; a "--" separator is dropped; model names (mixed case,
+    # spaces, commas: "LevelSet R-CNN + image crop, features conv") are never taken for keys.
     models, opts = bench.split_models_and_opts(["LevelSet R-CNN + image crop, features conv"],
                                                ["--", "MODEL.LEVELSET.LOSS_WEIGHT_PHIN", "0.5"])
     assert models == ["LevelSet R-CNN + image crop, features conv"]
