@@ -140,8 +140,9 @@ HEADS = {
     "+ image crop, shared convs": ("levelset_rcnn", IMAGE + SHARED_CONVS),
     "+ image crop, no features conv": ("levelset_rcnn", IMAGE + NO_CONV),
     "paper features, shared convs": ("levelset_rcnn", SHARED_CONVS),
-    # Issue #21 speed goal: the features head's one conv EMBED_CHANNELS (64) wide instead of 256.
+    # Issue #21 speed goal: the features head's one conv EMBED_CHANNELS (64) or 128 wide instead of 256.
     "paper features, 64-wide features conv": ("levelset_rcnn", ["MODEL.LEVELSET.FEATURES_CONV_DIM", "64"]),
+    "paper features, 128-wide features conv": ("levelset_rcnn", ["MODEL.LEVELSET.FEATURES_CONV_DIM", "128"]),
     # ... and the hyperparameter head reading the pooled RoI features (no convs: average pool + 2 FC).
     "paper features, no hyperparameter convs": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "0"]),
     "paper features, one hyperparameter conv": ("levelset_rcnn", ["MODEL.LEVELSET.HYPERPARAM_NUM_CONV", "1"]),
