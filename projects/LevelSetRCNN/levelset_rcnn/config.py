@@ -53,7 +53,10 @@ def add_levelset_rcnn_config(cfg):
     cfg.MODEL.LEVELSET.FEATURES_NUM_CONV = 1
     # Width of those convs; 0: ROI_MASK_HEAD.CONV_DIM (256). With FEATURES_POOLER_RESOLUTION 28
     # the convs run on 4x the area: EMBED_CHANNELS (64) wide they cost a quarter of a 256-wide conv
-    # at 14 x 14 rather than 4x it.
+    # at 14 x 14 rather than 4x it. 128 cuts the paper head's mask branch from ~1.40x to ~1.31x Mask
+    # R-CNN's per RoI on 2 CPU threads; on COCO-MVal's ground-truth boxes its whole head was as accurate,
+    # but its steps added less F@1px than the 256-wide head's on every seed tried: not the default
+    # (BENCHMARKS.md section 5 and "Ground-truth boxes").
     cfg.MODEL.LEVELSET.FEATURES_CONV_DIM = 0
     # What the Chan-Vese features head reads. "roi": the pooled RoI features (Fig. 1: three heads
     # on r_m). "tsdf_convs": the output of the initial TSDF head's ROI_MASK_HEAD.NUM_CONV convs,
