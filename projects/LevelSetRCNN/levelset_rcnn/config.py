@@ -30,6 +30,8 @@ def add_levelset_rcnn_config(cfg):
     # pixels wide.
     cfg.MODEL.LEVELSET.TRUNCATION = 10.0
     # Weights of l_TSDF on phi_0 and phi_N (COCO 0.2 / 1, Cityscapes 1 / 5).
+    # From ImageNet R-50 on coco128-seg, halving both (0.1 / 0.5) brought the mask losses' pull on the
+    # backbone to Mask R-CNN's level but did not recover LevelSet R-CNN's box AP (one seed, BENCHMARKS.md).
     cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHI0 = 0.2
     cfg.MODEL.LEVELSET.LOSS_WEIGHT_PHIN = 1.0
     # eps of the soft Heaviside that maps a TSDF to [0, 1] for the BCE term and for pred_masks.
